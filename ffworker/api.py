@@ -1,0 +1,240 @@
+"""The ``/v1`` REST API: one MethodView per resource."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import uuid
+from datetime import datetime
+
+from flask import Response, current_app, g, request, url_for
+from flask.views import MethodView
+from flask_smorest import Blueprint, abort
+
+from ffworker import events as live, kinds, paths, tenants
+from ffworker.dispatch import dispatch
+from ffworker.errors import AlreadyTerminal, JobNotFound
+from ffworker.extensions import services
+from ffworker.ledger import IdempotencyConflict
+from ffworker.models import TERMINAL_STATUSES
+from ffworker.schemas import (
+    JobGetArgsSchema,
+    JobListArgsSchema,
+    JobListSchema,
+    JobRequestSchema,
+    JobSchema,
+    present,
+    split_request,
+)
+from ffworker.worker import tenant_root
+
+blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Media jobs")
+IDEMPOTENCY_KEY_MAX = 200
+
+
+@blp.before_request
+def authenticate() -> None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, key = header.partition(" ")
+    tenant = None
+    if scheme.lower() == "bearer" and key.strip():
+        tenant = tenants.authenticate(services().engine, key.strip())
+    if tenant is None:
+        abort(401, message="a valid API key is required: Authorization: Bearer <key>")
+    g.tenant = tenant
+
+
+def _job_or_404(job_id: uuid.UUID) -> dict:
+    row = services().ledger.get(job_id, tenant_id=g.tenant.id)
+    if row is None:
+        abort(404, message="job not found")
+    return row
+
+
+def _path_errors(kind: str, spec: dict) -> dict[str, list[str]]:
+    """Submit-time path checks; field → messages. Mentions only the caller's own paths."""
+    root = tenant_root(services().settings, g.tenant.name)
+    overwrite = spec.get("overwrite", False)
+    errors: dict[str, list[str]] = {}
+    resolved_inputs = set()
+    for field in kinds.INPUT_FIELDS.get(kind, ()):
+        values = spec.get(field)
+        for value in values if isinstance(values, list) else [values]:
+            try:
+                resolved_inputs.add(paths.input_path(root, value))
+            except paths.UnsafePath as exc:
+                errors.setdefault(field, []).append(exc.message)
+    for field, suffixes in kinds.OUTPUT_FIELDS.get(kind, {}).items():
+        try:
+            target = paths.output_path(root, spec[field], overwrite=overwrite, suffixes=suffixes)
+        except paths.UnsafePath as exc:
+            errors.setdefault(field, []).append(exc.message)
+            continue
+        if target in resolved_inputs:
+            errors.setdefault(field, []).append("the output must not be one of the inputs")
+    return errors
+
+
+def _request_fingerprint(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _encode_cursor(row: dict) -> str:
+    raw = json.dumps([row["created_at"].isoformat(), str(row["id"])]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, job_id = json.loads(raw)
+        return datetime.fromisoformat(created_at), uuid.UUID(job_id)
+    except (ValueError, TypeError, AttributeError):
+        abort(422, message="invalid cursor", errors={"cursor": ["not a cursor this API returned"]})
+
+
+@blp.route("")
+class Jobs(MethodView):
+    @blp.arguments(JobListArgsSchema, location="query")
+    @blp.response(200, JobListSchema)
+    def get(self, args):
+        """List the tenant's jobs, newest first."""
+        limit = args.pop("limit")
+        cursor = args.pop("cursor", None)
+        rows = services().ledger.list(
+            g.tenant.id, limit=limit + 1, before=_decode_cursor(cursor) if cursor else None, **args
+        )
+        next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+        return {"jobs": [present(row) for row in rows[:limit]], "next_cursor": next_cursor}
+
+    @blp.arguments(JobRequestSchema)
+    @blp.response(202, JobSchema)
+    @blp.alt_response(409, description="Idempotency-Key reused with a different body")
+    @blp.alt_response(422, description="Invalid request, paths or kind rules")
+    def post(self, body):
+        """Submit a job. Returns at once; the job runs on a worker."""
+        current = services()
+        common, spec = split_request(body)
+        errors = _path_errors(common["kind"], spec)
+        if errors:
+            abort(422, message="invalid paths: " + "; ".join(m for ms in errors.values() for m in ms), errors=errors)
+        idempotency_key = request.headers.get("Idempotency-Key") or None
+        if idempotency_key is not None and len(idempotency_key) > IDEMPOTENCY_KEY_MAX:
+            abort(422, message=f"Idempotency-Key must be at most {IDEMPOTENCY_KEY_MAX} characters")
+        settings = current.settings
+        timeout_s = min(common["timeout_s"] or settings.job_timeout_s, settings.job_timeout_s)
+        try:
+            row, created = current.ledger.create(
+                tenant_id=g.tenant.id, kind=common["kind"], spec=spec, workspace=common["workspace"],
+                priority=common["priority"], metadata=common["metadata"], max_attempts=settings.max_attempts,
+                timeout_s=timeout_s, idempotency_key=idempotency_key,
+                request_sha256=_request_fingerprint(body) if idempotency_key else None,
+            )
+        except IdempotencyConflict:
+            abort(409, message="this Idempotency-Key was already used with a different request body")
+        if created:
+            dispatch(row["id"])
+        location = url_for("jobs.Job", job_id=row["id"])
+        return present(row), 202, {"Location": location}
+
+
+@blp.route("/<uuid:job_id>")
+class Job(MethodView):
+    @blp.arguments(JobGetArgsSchema, location="query")
+    @blp.response(200, JobSchema)
+    @blp.alt_response(503, description="Too many long-polls and event streams open on this process; "
+                                       "retry after Retry-After seconds")
+    def get(self, args, job_id):
+        """One job. With ``wait=S`` (≤ 60): answer once the job is terminal, or after S seconds."""
+        row = _job_or_404(job_id)
+        wait_s = args.get("wait")
+        if not wait_s or row["status"] in TERMINAL_STATUSES:
+            return present(row)
+        state = _events()
+        _take_slot(state)
+        try:
+            row = live.wait_for_end(state.hub, job_id, wait_s) or row
+        finally:
+            state.slots.release()
+        return present(row)
+
+    @blp.response(202, JobSchema)
+    @blp.alt_response(409, description="The job already ended")
+    def delete(self, job_id):
+        """Cancel the job (same as ``POST /v1/jobs/{id}/cancel``)."""
+        return _cancel(job_id)
+
+
+@blp.route("/<uuid:job_id>/cancel")
+class JobCancel(MethodView):
+    @blp.response(202, JobSchema)
+    @blp.alt_response(409, description="The job already ended")
+    def post(self, job_id):
+        """Cancel: a queued job ends at once, a running one within about a second."""
+        return _cancel(job_id)
+
+
+@blp.route("/<uuid:job_id>/events")
+class JobEvents(MethodView):
+    @blp.doc(
+        parameters=[{
+            "in": "header", "name": "Last-Event-ID", "required": False, "schema": {"type": "string"},
+            "description": "The id of the last event received: resume after it, without replay",
+        }],
+        responses={
+            "200": {
+                "description": "Server-Sent Events: `status` (one per transition, from the first) and "
+                               "`progress` (the latest progress snapshot after each progress write); every "
+                               "event has an `id:` to resume from; the stream ends after the terminal status. "
+                               "A comment line is sent when nothing else was for FFWORKER_SSE_KEEPALIVE_S.",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+            "204": {"description": "Resumed after the job's terminal status: nothing more will come"},
+            "503": {"description": "Too many streams open on this process; retry after Retry-After seconds"},
+        },
+    )
+    def get(self, job_id):
+        """Live status and progress of a job as Server-Sent Events."""
+        _job_or_404(job_id)
+        state = _events()
+        _take_slot(state)
+        try:
+            stream = live.open_stream(state, job_id, request.headers.get("Last-Event-ID"), _job_as_shown)
+        except BaseException:
+            state.slots.release()
+            raise
+        if stream.job is None:  # pruned just now
+            stream.close()
+            abort(404, message="job not found")
+        if stream.exhausted:
+            stream.close()  # resumed after the terminal status: EventSource clients stop on 204
+            return Response(status=204)
+        response = Response(stream, mimetype="text/event-stream")
+        response.headers["Cache-Control"] = "no-cache, no-store"
+        response.headers["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
+        return response
+
+
+def _job_as_shown(row) -> dict:
+    """The job exactly as ``GET /v1/jobs/{id}`` shows it."""
+    return JobSchema().dump(present(row))
+
+
+def _events() -> live.Events:
+    return current_app.extensions["ffworker_events"]
+
+
+def _take_slot(state: live.Events) -> None:
+    if not state.slots.try_acquire():
+        abort(503, message="too many open event streams and long-polls on this server process; retry shortly",
+              headers={"Retry-After": str(state.limits.retry_after_s)})
+
+
+def _cancel(job_id):
+    try:
+        row = services().ledger.request_cancel(job_id, g.tenant.id)
+    except JobNotFound:
+        abort(404, message="job not found")
+    except AlreadyTerminal as exc:
+        abort(409, message=str(exc))
+    return present(row)

@@ -1,0 +1,5 @@
+"""Entry point of ``celery -A ffworker.celery_app worker`` and ``… beat``."""
+from ffworker.app import create_app
+
+flask_app = create_app()
+celery = flask_app.extensions["celery"]

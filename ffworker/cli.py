@@ -1,0 +1,484 @@
+"""``manage.py``: operate ffworker (database, tenants) and use it (submit, jobs, demo)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from functools import cached_property
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+from rich.table import Table
+
+from ffworker.client import ApiError, Client
+
+ROOT = Path(__file__).resolve().parent.parent
+console = Console()
+err_console = Console(stderr=True)
+
+
+class Context:
+    """Lazily built app and services: `submit` and `jobs` need neither."""
+
+    @cached_property
+    def app(self):
+        from ffworker.app import create_app
+
+        return create_app()
+
+    @property
+    def services(self):
+        return self.app.extensions["ffworker"]
+
+
+pass_context = click.make_pass_decorator(Context, ensure=True)
+
+
+@click.group()
+def cli() -> None:
+    """ffworker: media jobs over a REST API, a PostgreSQL ledger and Celery workers."""
+
+
+# -- database ---------------------------------------------------------------
+
+
+@cli.group()
+def db() -> None:
+    """Schema migrations."""
+
+
+def alembic_config(database_url: str | None = None):
+    from alembic.config import Config
+
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(ROOT / "migrations"))
+    if database_url:
+        config.attributes["database_url"] = database_url
+    return config
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+def db_upgrade(revision: str) -> None:
+    """Apply migrations up to REVISION (default: head)."""
+    from alembic import command
+
+    command.upgrade(alembic_config(), revision)
+    click.echo(f"database at {revision}")
+
+
+# -- tenants ----------------------------------------------------------------
+
+
+@cli.group()
+def tenants() -> None:
+    """Tenants and API keys."""
+
+
+@tenants.command("create")
+@click.argument("name")
+@pass_context
+def tenants_create(ctx: Context, name: str) -> None:
+    """Create tenant NAME; prints a new API key alone on the last line."""
+    from ffworker.tenants import TenantError, create_tenant
+
+    try:
+        tenant, key = create_tenant(ctx.services.engine, name, ctx.services.settings.media_root)
+    except TenantError as exc:
+        raise click.ClickException(str(exc))
+    click.echo(f"created tenant {tenant.name}; media directory {ctx.services.settings.media_root / tenant.name}")
+    click.echo("API key (shown once):", err=True)
+    click.echo(key)
+
+
+@tenants.command("issue-key")
+@click.argument("name")
+@pass_context
+def tenants_issue_key(ctx: Context, name: str) -> None:
+    """Issue another API key for tenant NAME (printed alone on the last line)."""
+    from ffworker.tenants import TenantError, issue_key
+
+    try:
+        click.echo(issue_key(ctx.services.engine, name))
+    except TenantError as exc:
+        raise click.ClickException(str(exc))
+
+
+@tenants.command("list")
+@pass_context
+def tenants_list(ctx: Context) -> None:
+    """Tenants and their keys (prefix only)."""
+    from ffworker.tenants import list_tenants
+
+    table = Table("tenant", "created", "key prefix", "key created", "revoked")
+    for row in list_tenants(ctx.services.engine):
+        table.add_row(
+            row["name"], _time(row["created_at"]), row["prefix"] or "-",
+            _time(row["key_created_at"]), _time(row["revoked_at"]),
+        )
+    console.print(table)
+
+
+@tenants.command("revoke-key")
+@click.argument("key_or_prefix")
+@pass_context
+def tenants_revoke_key(ctx: Context, key_or_prefix: str) -> None:
+    """Revoke a key, given whole or by the prefix `tenants list` shows."""
+    from ffworker.tenants import TenantError, revoke_key
+
+    try:
+        count = revoke_key(ctx.services.engine, key_or_prefix)
+    except TenantError as exc:
+        raise click.ClickException(str(exc))
+    if count == 0:
+        raise click.ClickException("no active key matches")
+    click.echo(f"revoked {count} key(s)")
+
+
+def _time(value) -> str:
+    return value.isoformat(timespec="seconds") if value else "-"
+
+
+# -- client commands ------------------------------------------------------
+
+
+api_options = [
+    click.option("--api", "api_url", envvar="FFWORKER_API_URL", default="http://127.0.0.1:8000", show_default=True,
+                 help="Base URL of the web process."),
+    click.option("--key", "api_key", envvar="FFWORKER_API_KEY", help="API key (or FFWORKER_API_KEY)."),
+]
+
+
+def with_api(command):
+    for option in reversed(api_options):
+        command = option(command)
+    return command
+
+
+def _client(api_url: str, api_key: str | None) -> Client:
+    if not api_key:
+        raise click.UsageError("an API key is needed: --key or FFWORKER_API_KEY (see `tenants create`)")
+    return Client(api_url, api_key)
+
+
+@cli.command()
+@click.argument("kind", type=click.Choice(["probe", "transcode", "thumbnail", "concat", "hls", "command"]))
+@click.option("--input", "input_", help="Input path, relative to the tenant's media directory.")
+@click.option("--inputs", multiple=True, help="Inputs of a concat job (repeat).")
+@click.option("--output", help="Output path (output_dir for hls).")
+@click.option("--preset", help="Transcode preset, e.g. h264-720p.")
+@click.option("--set", "fields", multiple=True, metavar="FIELD=JSON",
+              help="Any other request field, its value as JSON (e.g. --set at_s=2.5 --set 'video={\"codec\":\"vp9\"}').")
+@click.option("--workspace", default=None)
+@click.option("--idempotency-key", default=None)
+@click.option("--wait", is_flag=True, help="Show a progress bar until the job ends.")
+@with_api
+def submit(kind, input_, inputs, output, preset, fields, workspace, idempotency_key, wait, api_url, api_key):
+    """Submit a KIND job through the REST API."""
+    request: dict = {"kind": kind}
+    for name, value in (("input", input_), ("preset", preset), ("workspace", workspace)):
+        if value is not None:
+            request[name] = value
+    if inputs:
+        request["inputs"] = list(inputs)
+    if output is not None:
+        request["output_dir" if kind == "hls" else "output"] = output
+    for item in fields:
+        name, sep, raw = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not FIELD=JSON", param_hint="--set")
+        try:
+            request[name] = json.loads(raw)
+        except ValueError:
+            request[name] = raw
+    client = _client(api_url, api_key)
+    job = _api(lambda: client.submit(request, idempotency_key))
+    err_console.print(f"submitted job [bold]{job['id']}[/] ({job['status']})")
+    if wait:
+        job = follow(client, job["id"])
+        console.print_json(data=job)
+        if job["status"] != "completed":
+            sys.exit(1)
+    else:
+        click.echo(job["id"])
+
+
+def _api(call):
+    try:
+        return call()
+    except ApiError as exc:
+        raise click.ClickException(str(exc))
+    except OSError as exc:
+        raise click.ClickException(f"cannot reach the API: {exc}")
+
+
+def follow(client: Client, job_id: str) -> dict:
+    """Live progress bar (percent, speed, ETA) from the job's event stream until it ends;
+    returns the final job."""
+    columns = (
+        TextColumn("[bold]{task.fields[status]:>9}"), BarColumn(), TaskProgressColumn(),
+        TextColumn("{task.fields[speed]:>7}"), TextColumn("{task.fields[eta]}"),
+    )
+    with Progress(*columns, console=err_console, transient=False) as bar:
+        task = bar.add_task("job", total=100, status="queued", speed="", eta="")
+
+        def update(job: dict) -> None:
+            bar.update(task, **progress_fields(job))
+
+        return _api(lambda: client.wait(job_id, update))
+
+
+def progress_fields(job: dict) -> dict:
+    """What the progress bar shows of a job (or of the stream's latest status and progress)."""
+    progress = job.get("progress") or {}
+    status = job.get("status") or "queued"
+    fields = {"status": status, "speed": "", "eta": ""}
+    if progress.get("percent") is not None:
+        fields["completed"] = progress["percent"]
+    if status == "completed":
+        fields["completed"] = 100.0
+    if status == "running":
+        if progress.get("speed"):
+            fields["speed"] = f"{progress['speed']:.2f}x"
+        if progress.get("eta_s") is not None:
+            fields["eta"] = f"ETA {_duration(progress['eta_s'])}"
+    return fields
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+@cli.group()
+def jobs() -> None:
+    """List, show, watch and cancel jobs (through the REST API)."""
+
+
+@jobs.command("list")
+@click.option("--status")
+@click.option("--kind")
+@click.option("--workspace")
+@click.option("--limit", default=20, show_default=True)
+@with_api
+def jobs_list(status, kind, workspace, limit, api_url, api_key):
+    """The newest jobs."""
+    page = _api(lambda: _client(api_url, api_key).list(status=status, kind=kind, workspace=workspace, limit=limit))
+    table = Table("id", "kind", "status", "progress", "workspace", "created")
+    for job in page["jobs"]:
+        percent = (job.get("progress") or {}).get("percent")
+        table.add_row(job["id"], job["kind"], job["status"], f"{percent:.1f}%" if percent is not None else "-",
+                      job["workspace"], job["created_at"])
+    console.print(table)
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@with_api
+def jobs_show(job_id, api_url, api_key):
+    """One job as JSON."""
+    console.print_json(data=_api(lambda: _client(api_url, api_key).get(job_id)))
+
+
+@jobs.command("watch")
+@click.argument("job_id")
+@with_api
+def jobs_watch(job_id, api_url, api_key):
+    """Follow a job's progress until it ends."""
+    console.print_json(data=follow(_client(api_url, api_key), job_id))
+
+
+@jobs.command("cancel")
+@click.argument("job_id")
+@with_api
+def jobs_cancel(job_id, api_url, api_key):
+    """Cancel a queued or running job."""
+    job = _api(lambda: _client(api_url, api_key).cancel(job_id))
+    click.echo(f"{job['id']}: {job['status']}" + (" (cancel requested)" if job["status"] == "running" else ""))
+
+
+# -- maintenance ------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Show what would be reaped and why; change nothing.")
+@pass_context
+def reap(ctx: Context, dry_run: bool) -> None:
+    """Run one round of the stale-job reaper now (safe beside beat: one reaper acts at a time)."""
+    from ffworker import reaper
+
+    settings = ctx.services.settings
+    report = reaper.reap(ctx.services.ledger, stale_after_s=settings.stale_after_s,
+                         grace_s=settings.reaper_grace_s, dry_run=dry_run)
+    if report.status == "skipped":
+        click.echo("another reaper is running this round; nothing done")
+        return
+    if report.status == "arming":
+        verb = "would arm" if dry_run else "armed"
+        click.echo(f"the reaper's previous run is older than {settings.reaper_grace_s:g} s: {verb} the grace period; "
+                   "nothing reaped")
+        return
+    if report.status == "armed":
+        click.echo(f"grace period after an outage: reaping resumes at {report.armed_until.isoformat()}")
+        return
+    table = Table("job", "attempt", "worker", "silent for" if dry_run else "reason", "becomes",
+                  title="would reap" if dry_run else "reaped")
+    for d in report.decisions:
+        detail = str(d["silent_for"]).split(".")[0] if dry_run else d["error_message"]
+        table.add_row(str(d["id"]), str(d["attempts"]), d["worker"] or "-", detail, d.get("to_status") or d["status"])
+    console.print(table if report.decisions else "no stale jobs")
+
+
+# -- reporting --------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--since", default="7d", show_default=True,
+              help="How far back: 30m, 12h, 7d, 2w (whole UTC days and months that overlap it).")
+@click.option("--tenant", default=None, help="Only this tenant.")
+@click.option("--format", "output_format", type=click.Choice(["table", "csv", "json"]), default="table",
+              show_default=True)
+@click.option("--view", "view", type=click.Choice(["all", "daily", "usage", "stuck"]), default="all",
+              show_default=True, help="daily counts, monthly usage, stuck jobs, or all three.")
+@pass_context
+def report(ctx: Context, since: str, tenant: str | None, output_format: str, view: str) -> None:
+    """Print the reporting views (docs/ledger.md) straight from the ledger."""
+    from ffworker import reporting
+
+    try:
+        tables = reporting.run(
+            ctx.services.engine, since=reporting.parse_since(since), tenant=tenant,
+            views=reporting.VIEWS if view == "all" else (view,),
+            stale_after_s=ctx.services.settings.stale_after_s,
+        )
+    except reporting.ReportError as exc:
+        raise click.ClickException(str(exc))
+    if output_format == "json":
+        click.echo(reporting.to_json(tables))
+    elif output_format == "csv":
+        click.echo(reporting.to_csv(tables), nl=False)
+    else:
+        wide = Console(width=max(console.width, 200)) if not console.is_terminal else console
+        for table in map(reporting.for_table, tables):
+            rendered = Table(*table.columns, title=reporting.TITLES[table.view], title_justify="left")
+            for row in table.rows:
+                rendered.add_row(*(reporting.cell(value) for value in row))
+            wide.print(rendered if table.rows else f"{reporting.TITLES[table.view]}: no rows")
+
+
+# -- demo -------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--port", default=lambda: int(os.environ.get("PORT", 8000)), show_default="$PORT or 8000")
+@click.option("--seconds", default=10, show_default=True, help="Length of the generated clip.")
+@pass_context
+def demo(ctx: Context, port: int, seconds: int) -> None:
+    """Transcode a generated 720p clip to 360p through the whole stack and show the ledger row."""
+    from ffworker.tenants import TenantError, create_tenant, issue_key
+
+    settings = ctx.services.settings
+    engine = ctx.services.engine
+    try:
+        _, key = create_tenant(engine, "demo", settings.media_root)
+    except TenantError:
+        key = issue_key(engine, "demo")
+    media = Path(settings.media_root) / "demo"
+    media.mkdir(parents=True, exist_ok=True)
+    clip = media / "demo-720p.mp4"
+    if not clip.exists():
+        err_console.print(f"generating a {seconds} s 720p test clip")
+        _generate_clip(clip, seconds)
+
+    client = Client(f"http://127.0.0.1:{port}", key)
+    started = []
+    try:
+        if not client.healthy():
+            started.append(_start("web", [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "ffworker/gunicorn_conf.py"),
+                                          "--bind", f"127.0.0.1:{port}", "ffworker.app:create_app()"]))
+            started.append(_start("worker", [sys.executable, "-m", "celery", "-A", "ffworker.celery_app", "worker",
+                                             "-O", "fair", "--prefetch-multiplier", "1", "--concurrency", "2",
+                                             "--loglevel", "WARNING"]))
+            _wait_for(client.healthy, "the web process", 30)
+        output = f"out/demo-360p-{uuid.uuid4().hex[:8]}.mp4"
+        job = _api(lambda: client.submit({"kind": "transcode", "input": clip.name, "output": output,
+                                          "preset": "h264-360p"}))
+        err_console.print(f"submitted transcode [bold]{job['id']}[/] {clip.name} → {output}")
+        job = follow(client, job["id"])
+    finally:
+        for proc in started:
+            proc.send_signal(signal.SIGTERM)
+        for proc in started:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    _print_ledger_row(engine, job["id"])
+    if job["status"] != "completed":
+        raise click.ClickException(f"the demo job ended {job['status']}: {job.get('error')}")
+
+
+def _generate_clip(path: Path, seconds: int) -> None:
+    from ffworker.process import FFMPEG
+
+    if shutil.which(FFMPEG) is None:
+        raise click.ClickException("ffmpeg is not installed (run `make demo`, which installs it)")
+    subprocess.run(
+        [FFMPEG, "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc2=size=1280x720:rate=30:duration={seconds}",
+         "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}", "-c:v", "libx264", "-preset", "veryfast",
+         "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path)],
+        check=True,
+    )
+
+
+def _start(name: str, argv: list[str]) -> subprocess.Popen:
+    """Start a stack process with its output in var/log/, away from the progress bar."""
+    log_dir = ROOT / "var" / "log"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"demo-{name}.log"
+    err_console.print(f"starting {name} ({' '.join(argv[2:4])}); its log: {log_path.relative_to(ROOT)}")
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_for(check, what: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"{what} did not come up within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def _print_ledger_row(engine, job_id: str) -> None:
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT * FROM jobs WHERE id = :id"), {"id": job_id}).mappings().one()
+        events = conn.execute(
+            text("SELECT at, from_status, to_status, attempt, reason FROM job_events WHERE job_id = :id ORDER BY id"),
+            {"id": job_id},
+        ).all()
+    table = Table("column", "value", title="the finished ledger row (jobs)")
+    for column, value in row.items():
+        table.add_row(column, json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value))
+    console.print(table)
+    trail = Table("at", "from", "to", "attempt", "reason", title="job_events")
+    for event in events:
+        trail.add_row(*(str(v) for v in event))
+    console.print(trail)
+
+
+def main() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    cli(prog_name="manage.py")

@@ -1,0 +1,26 @@
+"""Typed outcomes of ledger writes that matched no row."""
+from __future__ import annotations
+
+
+class LedgerError(Exception):
+    """A guarded ledger write found the job not in the state it requires."""
+
+    def __init__(self, job_id, message: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
+class JobNotFound(LedgerError):
+    """No such job (or not the caller tenant's)."""
+
+
+class NotClaimable(LedgerError):
+    """The job is not queued, or not due yet: a duplicate or early message."""
+
+
+class FencedOut(LedgerError):
+    """The run lost the job: its attempt is no longer the running one."""
+
+
+class AlreadyTerminal(LedgerError):
+    """The job already completed, failed or was cancelled."""

@@ -1,0 +1,30 @@
+"""Per-app services (settings, ledger) wired by ``init_app``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import Flask, current_app
+
+from ffworker.config import Settings
+from ffworker.db import get_engine
+from ffworker.ledger import Ledger
+
+
+@dataclass
+class Services:
+    settings: Settings
+    ledger: Ledger
+
+    @property
+    def engine(self):
+        return self.ledger.engine
+
+
+def init_app(app: Flask, settings: Settings) -> Services:
+    services = Services(settings=settings, ledger=Ledger(get_engine(settings.database_url)))
+    app.extensions["ffworker"] = services
+    return services
+
+
+def services() -> Services:
+    return current_app.extensions["ffworker"]

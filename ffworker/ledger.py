@@ -1,0 +1,471 @@
+"""The job ledger: the only code that writes job state.
+
+Every state change is one guarded ``UPDATE … WHERE status … RETURNING`` in its
+own transaction, together with the ``job_events`` row that records it. A run's
+later writes are fenced by its attempt number (the token the claim returned):
+a write that matches no row raises a typed error from ``ffworker.errors`` and
+the caller decides what to do; nothing here ever silently succeeds.
+
+All timestamps are the database's ``now()``: no process's clock decides
+anything.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from sqlalchemy import Connection, Engine, and_, case, delete, func, insert, literal, select, text, tuple_, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from ffworker.errors import AlreadyTerminal, FencedOut, JobNotFound, NotClaimable
+from ffworker.models import TERMINAL_STATUSES, Job, JobEvent, Tenant
+
+jobs = Job.__table__
+events = JobEvent.__table__
+tenants = Tenant.__table__
+
+Row = Mapping[str, Any]
+
+PROGRESS_COLUMNS = {
+    "percent": "progress_percent",
+    "frame": "progress_frame",
+    "fps": "progress_fps",
+    "speed": "progress_speed",
+    "out_time_s": "progress_out_time_s",
+    "eta_s": "progress_eta_s",
+}
+
+_TENANT_NAME = (
+    select(tenants.c.name).where(tenants.c.id == jobs.c.tenant_id).scalar_subquery().label("tenant_name")
+)
+_RETURNING = (*jobs.c, _TENANT_NAME)
+
+# What the reaper does with a stale running job.
+_REAP_OUTCOME = case(
+    (jobs.c.cancel_requested_at.is_not(None), "cancelled"),
+    (jobs.c.attempts < jobs.c.max_attempts, "queued"),
+    else_="failed",
+)
+# Exponential backoff with jitter, from the attempt that went stale: 5 s, 10 s, … ≤ 300 s.
+_REAP_BACKOFF = func.make_interval(
+    0, 0, 0, 0, 0, 0,
+    func.least(300.0, 5.0 * func.power(2, jobs.c.attempts - 1)) * (0.5 + func.random() / 2),
+)
+NEVER_PUBLISHED_GRACE_S = 5.0
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was already used by this tenant for a different request."""
+
+    def __init__(self, job_id) -> None:
+        super().__init__("Idempotency-Key already used with a different request body")
+        self.job_id = job_id
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A won claim: the job row and the fencing token of this run."""
+
+    job: Row
+    token: int
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    cancel_requested: bool
+
+
+def _event(conn: Connection, job_id, from_status, to_status, attempt, worker, reason) -> None:
+    conn.execute(
+        insert(events).values(
+            job_id=job_id, from_status=from_status, to_status=to_status,
+            attempt=attempt, worker=worker, reason=reason,
+        )
+    )
+
+
+def _notify(conn: Connection, job_id, kind: str) -> None:
+    """Wake listeners (the SSE stream) after commit; NOTIFY is transactional."""
+    conn.execute(select(func.pg_notify("ffworker_jobs", f"{job_id}:{kind}")))
+
+
+class Ledger:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # -- submission -------------------------------------------------------
+
+    def create(
+        self,
+        *,
+        tenant_id,
+        kind: str,
+        spec: dict,
+        workspace: str,
+        priority: int,
+        metadata: dict,
+        max_attempts: int,
+        timeout_s: int,
+        idempotency_key: str | None = None,
+        request_sha256: str | None = None,
+    ) -> tuple[Row, bool]:
+        """Insert a queued job; returns (job, created).
+
+        With an idempotency key the unique index decides, not a read first:
+        concurrent identical submissions all get the one row back.
+        """
+        values = dict(
+            id=uuid.uuid4(), tenant_id=tenant_id, kind=kind, spec=spec, workspace=workspace,
+            priority=priority, metadata=metadata, max_attempts=max_attempts, timeout_s=timeout_s,
+            idempotency_key=idempotency_key, request_sha256=request_sha256,
+        )
+        statement = (
+            pg_insert(jobs)
+            .values(**values)
+            .on_conflict_do_nothing(
+                index_elements=["tenant_id", "idempotency_key"],
+                index_where=text("idempotency_key IS NOT NULL"),
+            )
+            .returning(*jobs.c)
+        )
+        with self.engine.begin() as conn:
+            row = conn.execute(statement).mappings().first()
+            if row is not None:
+                _event(conn, row["id"], None, "queued", 0, None, "submitted")
+                _notify(conn, row["id"], "status")
+                return dict(row), True
+            existing = conn.execute(
+                select(*_RETURNING).where(
+                    jobs.c.tenant_id == tenant_id, jobs.c.idempotency_key == idempotency_key
+                )
+            ).mappings().one()
+        if existing["request_sha256"] != request_sha256:
+            raise IdempotencyConflict(existing["id"])
+        return dict(existing), False
+
+    def mark_dispatched(self, job_id) -> bool:
+        """Stamp a publish of the job's message (bookkeeping for re-dispatch)."""
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.status == "queued")
+                .values(dispatched_at=func.now(), dispatch_count=jobs.c.dispatch_count + 1)
+            )
+            return result.rowcount == 1
+
+    # -- a run: claim, heartbeat, finish -----------------------------------
+
+    def claim(self, job_id, worker: str) -> Claim:
+        """queued → running, if due and not cancelled. The new attempt is the token."""
+        statement = (
+            update(jobs)
+            .where(
+                jobs.c.id == job_id,
+                jobs.c.status == "queued",
+                jobs.c.run_after <= func.now(),
+                jobs.c.cancel_requested_at.is_(None),
+            )
+            .values(
+                status="running", attempts=jobs.c.attempts + 1, worker=worker,
+                started_at=func.now(), heartbeat_at=func.now(), updated_at=func.now(),
+                finished_at=None, error_code=None, error_message=None,
+            )
+            .returning(*_RETURNING)
+        )
+        with self.engine.begin() as conn:
+            row = conn.execute(statement).mappings().first()
+            if row is None:
+                raise NotClaimable(job_id, f"job {job_id} is not claimable ({self._status(conn, job_id)})")
+            _event(conn, job_id, "queued", "running", row["attempts"], worker, "claimed")
+            _notify(conn, job_id, "status")
+        return Claim(job=dict(row), token=row["attempts"])
+
+    def heartbeat(
+        self, job_id, token: int, progress: Mapping[str, Any] | None = None,
+        *, media_duration_s: float | None = None,
+    ) -> Heartbeat:
+        """Fenced heartbeat, optionally carrying a progress snapshot.
+
+        Touches only unindexed columns so PostgreSQL can keep it a HOT update.
+        """
+        values: dict[str, Any] = {"heartbeat_at": func.now(), "updated_at": func.now()}
+        if progress is not None:
+            values["progress_at"] = func.now()
+            for key, column in PROGRESS_COLUMNS.items():
+                values[column] = progress.get(key)
+        if media_duration_s is not None:
+            values["media_duration_s"] = media_duration_s
+        statement = (
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.status == "running", jobs.c.attempts == token)
+            .values(**values)
+            .returning(jobs.c.cancel_requested_at)
+        )
+        with self.engine.begin() as conn:
+            row = conn.execute(statement).first()
+            if row is None:
+                raise FencedOut(job_id, f"attempt {token} of job {job_id} no longer owns it")
+            if progress is not None:
+                _notify(conn, job_id, "progress")
+        return Heartbeat(cancel_requested=row.cancel_requested_at is not None)
+
+    def complete(self, job_id, token: int, result: dict) -> Row:
+        """running → completed. Idempotent: repeating it for the same attempt changes nothing."""
+        statement = (
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.status == "running", jobs.c.attempts == token)
+            .values(
+                status="completed", result=result, finished_at=func.now(), updated_at=func.now(),
+                heartbeat_at=func.now(), progress_percent=case(
+                    (jobs.c.progress_percent.is_(None) & jobs.c.media_duration_s.is_(None), None),
+                    else_=100.0,
+                ),
+                progress_eta_s=case((jobs.c.progress_at.is_(None), None), else_=0.0),
+            )
+            .returning(*_RETURNING)
+        )
+        with self.engine.begin() as conn:
+            row = conn.execute(statement).mappings().first()
+            if row is not None:
+                _event(conn, job_id, "running", "completed", token, row["worker"], "completed")
+                _notify(conn, job_id, "status")
+                return dict(row)
+            current = self._get(conn, job_id)
+        if current is not None and current["status"] == "completed" and current["attempts"] == token:
+            return current
+        raise FencedOut(job_id, f"attempt {token} of job {job_id} cannot complete it")
+
+    def fail(
+        self, job_id, token: int, *, code: str, message: str, stderr_tail: str | None = None,
+        retryable: bool = False, backoff_s: float = 0.0,
+    ) -> Row:
+        """running → queued (retryable and attempts left, after ``backoff_s``) or → failed."""
+        retry = and_(literal(retryable), jobs.c.attempts < jobs.c.max_attempts)
+        statement = (
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.status == "running", jobs.c.attempts == token)
+            .values(
+                status=case((retry, "queued"), else_="failed"),
+                run_after=case((retry, func.now() + func.make_interval(0, 0, 0, 0, 0, 0, backoff_s)),
+                               else_=jobs.c.run_after),
+                finished_at=case((retry, None), else_=func.now()),
+                dispatched_at=case((retry, None), else_=jobs.c.dispatched_at),
+                heartbeat_at=case((retry, None), else_=jobs.c.heartbeat_at),
+                error_code=code, error_message=message, stderr_tail=stderr_tail,
+                updated_at=func.now(),
+            )
+            .returning(*_RETURNING)
+        )
+        with self.engine.begin() as conn:
+            row = conn.execute(statement).mappings().first()
+            if row is None:
+                raise FencedOut(job_id, f"attempt {token} of job {job_id} cannot fail it")
+            _event(conn, job_id, "running", row["status"], token, row["worker"], f"{code}: {message}")
+            _notify(conn, job_id, "status")
+        return dict(row)
+
+    def record_cancelled(self, job_id, token: int) -> Row:
+        """running → cancelled, once the run has killed its ffmpeg and cleaned up."""
+        statement = (
+            update(jobs)
+            .where(
+                jobs.c.id == job_id, jobs.c.status == "running", jobs.c.attempts == token,
+                jobs.c.cancel_requested_at.is_not(None),
+            )
+            .values(
+                status="cancelled", finished_at=func.now(), updated_at=func.now(),
+                error_code="cancelled", error_message="cancelled while running",
+            )
+            .returning(*_RETURNING)
+        )
+        with self.engine.begin() as conn:
+            row = conn.execute(statement).mappings().first()
+            if row is None:
+                raise FencedOut(job_id, f"attempt {token} of job {job_id} cannot record its cancel")
+            _event(conn, job_id, "running", "cancelled", token, row["worker"], "cancel requested")
+            _notify(conn, job_id, "status")
+        return dict(row)
+
+    # -- maintenance (beat) --------------------------------------------------
+
+    def reap_stale(self, conn: Connection, stale_after_s: float, *, dry_run: bool = False) -> list[Row]:
+        """Running jobs whose heartbeat is older than ``stale_after_s``: back to queued
+        (with backoff) while attempts remain, else failed with ``stale``; a stale job whose
+        cancel was requested becomes cancelled. Runs in the caller's transaction (the
+        reaper holds its lock there). Returns one row per decision.
+        """
+        is_stale = and_(
+            jobs.c.status == "running",
+            jobs.c.heartbeat_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, stale_after_s),
+        )
+        if dry_run:
+            query = select(
+                jobs.c.id, jobs.c.attempts, jobs.c.max_attempts, jobs.c.worker, jobs.c.heartbeat_at,
+                (func.now() - jobs.c.heartbeat_at).label("silent_for"), _REAP_OUTCOME.label("to_status"),
+            ).where(is_stale)
+            return [dict(r) for r in conn.execute(query).mappings()]
+        candidates = select(jobs.c.id).where(is_stale).with_for_update(skip_locked=True)
+        stale = candidates.cte("stale")
+        retry = _REAP_OUTCOME == "queued"
+        reason = func.concat("stale: no heartbeat for ", func.round(
+            func.extract("epoch", func.now() - jobs.c.heartbeat_at)), " s")
+        moved = (
+            update(jobs)
+            .where(jobs.c.id == stale.c.id, jobs.c.status == "running")
+            .values(
+                status=_REAP_OUTCOME,
+                run_after=case((retry, func.now() + _REAP_BACKOFF), else_=jobs.c.run_after),
+                finished_at=case((retry, None), else_=func.now()),
+                heartbeat_at=case((retry, None), else_=jobs.c.heartbeat_at),
+                dispatched_at=case((retry, None), else_=jobs.c.dispatched_at),
+                error_code=case((_REAP_OUTCOME == "cancelled", "cancelled"), else_="stale"),
+                error_message=reason, updated_at=func.now(),
+            )
+            .returning(jobs.c.id, jobs.c.status, jobs.c.attempts, jobs.c.worker, jobs.c.error_message,
+                       jobs.c.run_after, jobs.c.updated_at)
+        )
+        rows = [dict(r) for r in conn.execute(moved).mappings()]
+        for row in rows:
+            _event(conn, row["id"], "running", row["status"], row["attempts"], row["worker"], row["error_message"])
+            _notify(conn, row["id"], "status")
+        return rows
+
+    def due_for_dispatch(self, redispatch_after_s: float, limit: int = 500) -> list:
+        """Queued, due jobs whose last publish is old enough to count as lost.
+
+        The wait doubles with each publish (capped at an hour), so a long, legitimate
+        backlog is not flooded with duplicates. A job never published (the publish
+        failed right after commit) is due a few seconds after its last change.
+        """
+        # A publish with a countdown only fires at run_after: count from whichever is later.
+        waited = func.now() - case(
+            (jobs.c.dispatched_at.is_(None), jobs.c.updated_at),
+            else_=func.greatest(jobs.c.dispatched_at, jobs.c.run_after),
+        )
+        threshold = case(
+            (jobs.c.dispatched_at.is_(None), func.make_interval(0, 0, 0, 0, 0, 0, NEVER_PUBLISHED_GRACE_S)),
+            else_=func.make_interval(0, 0, 0, 0, 0, 0, func.least(
+                3600.0, redispatch_after_s * func.power(2, func.least(jobs.c.dispatch_count - 1, 6))
+            )),
+        )
+        query = (
+            select(jobs.c.id)
+            .where(jobs.c.status == "queued", jobs.c.run_after <= func.now(),
+                   jobs.c.cancel_requested_at.is_(None), waited > threshold)
+            .order_by(jobs.c.priority.desc(), jobs.c.run_after)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return list(conn.execute(query).scalars())
+
+    def prune(self, retention_days: int, batch: int = 1000) -> int:
+        """Delete one batch of terminal jobs older than the retention (events cascade)."""
+        doomed = (
+            select(jobs.c.id)
+            .where(jobs.c.status.in_(TERMINAL_STATUSES),
+                   jobs.c.finished_at < func.now() - func.make_interval(0, 0, 0, retention_days))
+            .limit(batch)
+            .with_for_update(skip_locked=True)
+        )
+        with self.engine.begin() as conn:
+            return conn.execute(delete(jobs).where(jobs.c.id.in_(doomed.scalar_subquery()))).rowcount
+
+    def running_attempts(self, job_ids) -> set[tuple[str, int]]:
+        """(job id, attempt) of the given jobs that are running now."""
+        if not job_ids:
+            return set()
+        query = select(jobs.c.id, jobs.c.attempts).where(jobs.c.id.in_(job_ids), jobs.c.status == "running")
+        with self.engine.connect() as conn:
+            return {(str(row.id), row.attempts) for row in conn.execute(query)}
+
+    # -- requests from the API --------------------------------------------
+
+    def request_cancel(self, job_id, tenant_id, reason: str = "cancelled by request") -> Row:
+        """Queued → cancelled at once; running → flagged for its worker to stop.
+
+        Raises JobNotFound (absent or another tenant's) or AlreadyTerminal.
+        """
+        was_queued = jobs.c.status == "queued"
+        statement = (
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id, jobs.c.status.in_(("queued", "running")))
+            .values(
+                cancel_requested_at=func.coalesce(jobs.c.cancel_requested_at, func.now()),
+                status=case((was_queued, "cancelled"), else_=jobs.c.status),
+                finished_at=case((was_queued, func.now()), else_=jobs.c.finished_at),
+                error_code=case((was_queued, "cancelled"), else_=jobs.c.error_code),
+                error_message=case((was_queued, reason), else_=jobs.c.error_message),
+                updated_at=func.now(),
+            )
+            .returning(*_RETURNING)
+        )
+        with self.engine.begin() as conn:
+            row = conn.execute(statement).mappings().first()
+            if row is None:
+                current = self._get(conn, job_id)
+                if current is None or current["tenant_id"] != tenant_id:
+                    raise JobNotFound(job_id, "job not found")
+                raise AlreadyTerminal(job_id, f"job is already {current['status']}")
+            if row["status"] == "cancelled":
+                _event(conn, job_id, "queued", "cancelled", row["attempts"], None, reason)
+            _notify(conn, job_id, "status")
+        return dict(row)
+
+    # -- reads --------------------------------------------------------------
+
+    def get(self, job_id, tenant_id=None) -> Row | None:
+        with self.engine.connect() as conn:
+            row = self._get(conn, job_id)
+        if row is None or (tenant_id is not None and row["tenant_id"] != tenant_id):
+            return None
+        return row
+
+    def list(
+        self, tenant_id, *, limit: int, status=None, kind=None, workspace=None,
+        created_after=None, created_before=None, before: tuple | None = None,
+    ) -> list[Row]:
+        """A tenant's jobs, newest first; ``before`` is the (created_at, id) keyset cursor."""
+        query = select(*_RETURNING).where(jobs.c.tenant_id == tenant_id)
+        for column, value in ((jobs.c.status, status), (jobs.c.kind, kind), (jobs.c.workspace, workspace)):
+            if value is not None:
+                query = query.where(column == value)
+        if created_after is not None:
+            query = query.where(jobs.c.created_at > created_after)
+        if created_before is not None:
+            query = query.where(jobs.c.created_at < created_before)
+        if before is not None:
+            query = query.where(tuple_(jobs.c.created_at, jobs.c.id) < tuple_(*before))
+        query = query.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(row) for row in conn.execute(query).mappings()]
+
+    def events(self, job_id, after_id: int = 0) -> list[Row]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(events).where(events.c.job_id == job_id, events.c.id > after_id).order_by(events.c.id)
+            ).mappings().all()
+        return [dict(r) for r in rows]
+
+    @staticmethod
+    def _get(conn: Connection, job_id) -> Row | None:
+        row = conn.execute(select(*_RETURNING).where(jobs.c.id == job_id)).mappings().first()
+        return dict(row) if row is not None else None
+
+    @staticmethod
+    def _status(conn: Connection, job_id) -> str:
+        status = conn.execute(select(jobs.c.status).where(jobs.c.id == job_id)).scalar()
+        return status or "absent"
+
+    def job_with_events(self, job_id) -> tuple[Row | None, list[Row]]:
+        """The job and all its audit events, read from one snapshot (the SSE stream's view)."""
+        with self.engine.connect() as conn:
+            conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                row = self._get(conn, job_id)
+                if row is None:
+                    return None, []
+                rows = conn.execute(
+                    select(events).where(events.c.job_id == job_id).order_by(events.c.id)
+                ).mappings().all()
+        return row, [dict(r) for r in rows]

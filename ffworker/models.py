@@ -1,0 +1,203 @@
+"""The job ledger's tables.
+
+Named and typed for people who write SQL against them: timestamps with time
+zone, status and kind as constrained text, progress as plain numeric columns.
+The schema itself is created by the alembic migrations; these models are what
+the migrations must equal (tests/integration/test_migrations.py checks it).
+"""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Double,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
+TERMINAL_STATUSES = ("completed", "failed", "cancelled")
+JOB_KINDS = ("probe", "transcode", "thumbnail", "concat", "hls", "command")
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+TZ = TIMESTAMP(timezone=True)
+
+
+def _in_list(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True, server_default=func.gen_random_uuid())
+    name: Mapped[str] = mapped_column(Text, unique=True)
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+
+    __table_args__ = (
+        CheckConstraint(r"name ~ '^[a-z0-9][a-z0-9_-]{0,62}$'", name="name_format"),
+    )
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True, server_default=func.gen_random_uuid())
+    tenant_id: Mapped[uuid.UUID] = mapped_column(UUID, ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    prefix: Mapped[str] = mapped_column(Text)
+    key_sha256: Mapped[str] = mapped_column(Text, unique=True)
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    revoked_at: Mapped[datetime | None] = mapped_column(TZ)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(UUID, ForeignKey("tenants.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text, server_default="queued")
+    workspace: Mapped[str] = mapped_column(Text, server_default="default")
+    priority: Mapped[int] = mapped_column(Integer, server_default="0")
+    spec: Mapped[dict] = mapped_column(JSONB)
+    job_metadata: Mapped[dict] = mapped_column("metadata", JSONB, server_default=text("'{}'::jsonb"))
+    idempotency_key: Mapped[str | None] = mapped_column(Text)
+    request_sha256: Mapped[str | None] = mapped_column(Text)
+
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    timeout_s: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str | None] = mapped_column(Text)
+
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    run_after: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    dispatched_at: Mapped[datetime | None] = mapped_column(TZ)
+    dispatch_count: Mapped[int] = mapped_column(Integer, server_default="0")
+    started_at: Mapped[datetime | None] = mapped_column(TZ)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(TZ)
+    finished_at: Mapped[datetime | None] = mapped_column(TZ)
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(TZ)
+
+    # Progress: rewritten every progress interval, so none of these (nor
+    # heartbeat_at/updated_at) may appear in an index: the writes stay HOT.
+    progress_at: Mapped[datetime | None] = mapped_column(TZ)
+    progress_percent: Mapped[float | None] = mapped_column(Double)
+    progress_frame: Mapped[int | None] = mapped_column(BigInteger)
+    progress_fps: Mapped[float | None] = mapped_column(Double)
+    progress_speed: Mapped[float | None] = mapped_column(Double)
+    progress_out_time_s: Mapped[float | None] = mapped_column(Double)
+    progress_eta_s: Mapped[float | None] = mapped_column(Double)
+
+    media_duration_s: Mapped[float | None] = mapped_column(Double)
+    result: Mapped[dict | None] = mapped_column(JSONB)
+    error_code: Mapped[str | None] = mapped_column(Text)
+    error_message: Mapped[str | None] = mapped_column(Text)
+    stderr_tail: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        CheckConstraint(_in_list("status", JOB_STATUSES), name="status_valid"),
+        CheckConstraint(_in_list("kind", JOB_KINDS), name="kind_valid"),
+        CheckConstraint("attempts >= 0 AND max_attempts >= 1", name="attempts_valid"),
+        # The tenant's job listing, newest first, keyset-paginated on (created_at, id).
+        Index("ix_jobs_tenant_created", "tenant_id", text("created_at DESC"), text("id DESC")),
+        Index("ix_jobs_tenant_workspace_created", "tenant_id", "workspace", text("created_at DESC"), text("id DESC")),
+        # Scans of the maintenance jobs: queued work to (re)dispatch, running work to reap.
+        Index("ix_jobs_queued_run_after", "run_after", postgresql_where=text("status = 'queued'")),
+        Index("ix_jobs_running_started", "started_at", postgresql_where=text("status = 'running'")),
+        # Retention prunes old terminal jobs.
+        Index("ix_jobs_terminal_finished", "finished_at", postgresql_where=text(_in_list("status", TERMINAL_STATUSES))),
+        Index(
+            "uq_jobs_tenant_idempotency_key", "tenant_id", "idempotency_key", unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
+    )
+
+
+class JobEvent(Base):
+    """Append-only audit of every status transition (and every reap decision)."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(UUID, ForeignKey("jobs.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    from_status: Mapped[str | None] = mapped_column(Text)
+    to_status: Mapped[str] = mapped_column(Text)
+    attempt: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
+
+
+class MaintenanceState(Base):
+    """One row per maintenance task (the reaper's grace period lives here)."""
+
+    __tablename__ = "maintenance_state"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    last_run_at: Mapped[datetime | None] = mapped_column(TZ)
+    armed_at: Mapped[datetime | None] = mapped_column(TZ)
+
+
+class JobTransitionTotal(Base):
+    """Monotonic totals of ``job_events``, kept by a trigger in the same transaction.
+
+    One row per (tenant, workspace, kind, transition). Retention pruning deletes
+    jobs and their events but never these rows, so the Prometheus counters and
+    histograms derived from them never go backwards. ``*_buckets`` hold
+    per-bucket (not cumulative) observation counts; the bucket bounds are the
+    SQL functions ``ffworker_seconds_bounds()`` and ``ffworker_speed_bounds()``,
+    with one extra last element for observations above the highest bound.
+    """
+
+    __tablename__ = "job_transition_totals"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(UUID, ForeignKey("tenants.id", ondelete="CASCADE"))
+    workspace: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(Text)
+    from_status: Mapped[str | None] = mapped_column(Text)
+    to_status: Mapped[str] = mapped_column(Text)
+    by_reaper: Mapped[bool] = mapped_column(Boolean)
+    transitions: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    seconds_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    seconds_sum: Mapped[float] = mapped_column(Double, server_default="0")
+    seconds_buckets: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
+    speed_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    speed_sum: Mapped[float] = mapped_column(Double, server_default="0")
+    speed_buckets: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
+    media_seconds: Mapped[float] = mapped_column(Double, server_default="0")
+    first_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    last_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+
+    __table_args__ = (
+        Index(
+            "uq_job_transition_totals_key", "tenant_id", "workspace", "kind", "from_status", "to_status", "by_reaper",
+            unique=True, postgresql_nulls_not_distinct=True,
+        ),
+    )

@@ -1,0 +1,193 @@
+"""Confine user-supplied paths to a tenant's media directory.
+
+Every path in a request is relative to the tenant directory. Paths are checked
+as raw strings first (so nothing is normalised away before it is inspected),
+then resolved with symlinks followed and required to land strictly inside the
+resolved root. Error messages only ever echo the user's own relative path, so
+server layout never leaks into API responses.
+"""
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path
+
+TEMP_MARKER = ".ffwtmp."
+
+MAX_PATH_CHARS = 1024
+MAX_COMPONENT_BYTES = 255  # NAME_MAX on Linux filesystems
+_SHOWN_CHARS = 80
+
+# ffmpeg treats "<scheme>:" as a protocol (concat:, pipe:, subfile:, ...), and
+# "C:" is a drive on the platforms that have them: none of these are files.
+_PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]+")
+_TEMP_NAME = re.compile(re.escape(TEMP_MARKER) + r"([A-Za-z0-9_-]+)\.([0-9]+)\.(.+)", re.DOTALL)
+
+
+class UnsafePath(ValueError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def confine(root: Path, user_path: str) -> Path:
+    _check_raw(user_path)
+    shown = _show(user_path)
+    real_root = os.path.realpath(root)
+    resolved = os.path.realpath(os.path.join(real_root, user_path))
+    if resolved == real_root:
+        raise UnsafePath(f"{shown} refers to the media directory itself")
+    if os.path.commonpath([real_root, resolved]) != real_root:
+        raise UnsafePath(f"{shown} points outside the media directory")
+    relative = os.path.relpath(resolved, real_root)
+    if any(TEMP_MARKER in part for part in relative.split(os.sep)):
+        raise UnsafePath(f"{shown} points at a reserved in-flight output name")
+    if _contains_symlink_loop(resolved, real_root):
+        raise UnsafePath(f"{shown} contains a symlink loop")
+    return Path(resolved)
+
+
+def input_path(root: Path, user_path: str) -> Path:
+    path = confine(root, user_path)
+    kind = _kind(path, user_path)
+    if kind is None:
+        raise UnsafePath(f"input {_show(user_path)} does not exist")
+    if kind != "file":
+        raise UnsafePath(f"input {_show(user_path)} is not a regular file")
+    return path
+
+
+def output_path(
+    root: Path, user_path: str, *, overwrite: bool, suffixes: frozenset[str] | None = None
+) -> Path:
+    path = confine(root, user_path)
+    if suffixes is not None:
+        _check_suffix(path, user_path, suffixes)
+    kind = _kind(path, user_path)
+    if kind == "dir":
+        raise UnsafePath(f"output {_show(user_path)} is an existing directory")
+    if kind == "other":
+        # FIFOs and devices would block or clobber something that is not media.
+        raise UnsafePath(f"output {_show(user_path)} exists and is not a regular file")
+    if kind == "file" and not overwrite:
+        raise UnsafePath(f"output {_show(user_path)} already exists; set overwrite to replace it")
+    return path
+
+
+def output_dir_path(root: Path, user_path: str, *, overwrite: bool) -> Path:
+    path = confine(root, user_path)
+    kind = _kind(path, user_path)
+    if kind in ("file", "other"):
+        raise UnsafePath(f"output {_show(user_path)} exists and is not a directory")
+    if kind == "dir" and not overwrite:
+        raise UnsafePath(f"output {_show(user_path)} already exists; set overwrite to replace it")
+    return path
+
+
+def temp_path_for(final: Path, job_id: str, attempt: int) -> Path:
+    """The in-flight name for `final`; the original name stays last so ffmpeg still infers the format."""
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+        raise ValueError(f"job id {job_id!r} must be letters, digits, '_' or '-'")
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 0:
+        raise ValueError(f"attempt {attempt!r} must be a non-negative integer")
+    return final.with_name(f"{TEMP_MARKER}{job_id}.{attempt}.{final.name}")
+
+
+def parse_temp_name(name: str) -> tuple[str, int] | None:
+    match = _TEMP_NAME.fullmatch(name)
+    if match is None:
+        return None
+    return match.group(1), int(match.group(2))
+
+
+def check_user_path(user_path: object) -> None:
+    """The checks that need no filesystem: type, characters, absolute, '..', protocols, reserved names.
+
+    Raises UnsafePath. ``confine`` runs the same checks before resolving anything.
+    """
+    _check_raw(user_path)
+
+
+def _check_raw(user_path: object) -> None:
+    if not isinstance(user_path, str):
+        raise UnsafePath(f"path must be a string, not {type(user_path).__name__}")
+    if not user_path:
+        raise UnsafePath("path is empty")
+    shown = _show(user_path)
+    if len(user_path) > MAX_PATH_CHARS:
+        raise UnsafePath(f"{shown} is longer than {MAX_PATH_CHARS} characters")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in user_path):
+        raise UnsafePath(f"{shown} contains a control character")
+    if not _encodable(user_path):
+        raise UnsafePath(f"{shown} is not valid UTF-8")
+    if user_path.startswith("/"):
+        raise UnsafePath(f"{shown} must be relative to the media directory")
+    if user_path.startswith("~"):
+        raise UnsafePath(f"{shown} must not start with '~'")
+    if _PROTOCOL.match(user_path):
+        raise UnsafePath(f"{shown} looks like a URL or protocol, not a file path")
+    for component in user_path.split("/"):
+        _check_component(component, shown)
+    if user_path.strip("/") in (".", ""):
+        raise UnsafePath(f"{shown} refers to the media directory itself")
+
+
+def _check_component(component: str, shown: str) -> None:
+    if component == "..":
+        raise UnsafePath(f"{shown} must not contain '..'")
+    if component.startswith("-"):
+        # ffmpeg would parse it as an option.
+        raise UnsafePath(f"{shown} has a component starting with '-'")
+    if TEMP_MARKER in component:
+        raise UnsafePath(f"{shown} uses the reserved name marker {TEMP_MARKER!r}")
+    if len(component.encode("utf-8")) > MAX_COMPONENT_BYTES:
+        raise UnsafePath(f"{shown} has a component longer than {MAX_COMPONENT_BYTES} bytes")
+
+
+def _check_suffix(path: Path, user_path: str, suffixes: frozenset[str]) -> None:
+    allowed = {s.lower() if s.startswith(".") else "." + s.lower() for s in suffixes}
+    if path.suffix.lower() not in allowed:
+        listed = ", ".join(sorted(allowed))
+        raise UnsafePath(f"output {_show(user_path)} must end in one of: {listed}")
+
+
+def _kind(path: Path, user_path: str) -> str | None:
+    """'file', 'dir', 'other', or None when nothing exists there."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        raise UnsafePath(f"{_show(user_path)} cannot be accessed") from None
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    return "other"
+
+
+def _contains_symlink_loop(resolved: str, real_root: str) -> bool:
+    # realpath() leaves a link in place only when it loops; every other link is gone.
+    current = resolved
+    while current != real_root and current != os.path.dirname(current):
+        if os.path.islink(current):
+            return True
+        current = os.path.dirname(current)
+    return False
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _show(user_path: str) -> str:
+    printable = "".join(c if c.isprintable() else repr(c)[1:-1] for c in user_path)
+    if len(printable) > _SHOWN_CHARS:
+        printable = printable[:_SHOWN_CHARS] + "..."
+    return f"'{printable}'"

@@ -1,0 +1,446 @@
+"""One run of one job: claim it, do the work, record the outcome.
+
+The worker decides, the ledger persists. Every write after the claim is fenced
+by the attempt number; the moment one matches no row the run has lost the job
+(reaped, cancelled, re-run elsewhere) and it stops: ffmpeg is killed, its
+temporary output removed, and nothing more is written.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import random
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.exc import DBAPIError
+
+from ffworker import concat, hls, kinds, media, paths, process, rawcommand
+from ffworker.config import Settings
+from ffworker.errors import FencedOut, NotClaimable
+from ffworker.ledger import Claim, Ledger
+from ffworker.progress import Progress
+
+log = logging.getLogger("ffworker.worker")
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[^\s:'\"/]+/)*[^\s:'\",]*")
+
+
+class RunFailure(Exception):
+    """The run ends failed (or, when retryable and attempts remain, queued again)."""
+
+    def __init__(self, code: str, message: str, *, retryable: bool = False, stderr_tail: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+        self.stderr_tail = stderr_tail
+
+
+class RunStopped(Exception):
+    """The run was told to stop: ``reason`` is "cancelled" or "fenced"."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def backoff_s(attempt: int, base_s: float = 5.0, cap_s: float = 300.0) -> float:
+    """Exponential backoff with full jitter: spreads retries of a failed batch."""
+    return random.uniform(0.5, 1.0) * min(cap_s, base_s * 2 ** max(0, attempt - 1))
+
+
+def tenant_root(settings: Settings, tenant_name: str) -> Path:
+    return Path(os.path.realpath(settings.media_root)) / tenant_name
+
+
+def sanitize(text: str, root: Path) -> str:
+    """Strip server paths from a message meant for API clients."""
+    text = text.replace(f"{root}/", "").replace(str(root), ".")
+    text = re.sub(rf"{re.escape(paths.TEMP_MARKER)}[0-9a-f-]+\.\d+\.", "", text)
+    return _ABSOLUTE_PATH.sub("<path>", text)
+
+
+def last_error_line(stderr: str) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    return lines[-1][:500] if lines else "ffmpeg failed without a message"
+
+
+Output = kinds.Output
+PROBE_BATCH = 32   # inputs probed between two heartbeats
+
+# One planner per kind: from the job's spec to the ffmpeg run (see ffworker.kinds).
+PLANNERS: dict[str, kinds.Planner] = {
+    "probe": kinds.plan_probe_job,
+    "transcode": kinds.plan_transcode_job,
+    "thumbnail": kinds.plan_thumbnail_job,
+    "concat": concat.plan_job,
+    "hls": hls.plan_job,
+    "command": rawcommand.plan_job,
+}
+
+
+@dataclass(frozen=True)
+class RunReport:
+    outcome: str                  # skipped, completed, failed, retry, cancelled or lost
+    row: dict | None = None       # the job as the run left it, when it wrote last
+
+    @property
+    def retry_in_s(self) -> float | None:
+        if self.outcome != "retry" or self.row is None:
+            return None
+        # Both stamps come from the same statement's database now().
+        return max(0.0, (self.row["run_after"] - self.row["updated_at"]).total_seconds())
+
+
+def run(job_id, ledger: Ledger, settings: Settings) -> RunReport:
+    """Run the job if it can be claimed; a duplicate or early message does nothing."""
+    try:
+        claim = ledger.claim(job_id, worker_name())
+    except NotClaimable as exc:
+        log.info("job=%s event=skipped reason=%r", job_id, str(exc))
+        return RunReport("skipped")
+    job_run = JobRun(claim, ledger, settings)
+    outcome = job_run.execute()
+    return RunReport(outcome, job_run.final_row)
+
+
+class JobRun:
+    """One attempt at one job; also the ``kinds.RunContext`` its planner works through."""
+
+    def __init__(self, claim: Claim, ledger: Ledger, settings: Settings) -> None:
+        self.job = claim.job
+        self.job_id = claim.job["id"]
+        self.spec = claim.job["spec"]
+        self.token = claim.token
+        self.ledger = ledger
+        self.settings = settings
+        self.root = tenant_root(settings, claim.job["tenant_name"])
+        self.deadline = time.monotonic() + claim.job["timeout_s"]
+        self.outputs: list[Output] = []
+        self.scratch_files: list[Path] = []
+        self.final_row: dict | None = None
+        self.last_beat = time.monotonic()
+        self.progress_written: Progress | None = None
+
+    def log(self, event: str, **fields) -> None:
+        details = " ".join(f"{k}={v!r}" for k, v in fields.items())
+        log.info("job=%s attempt=%s event=%s %s", self.job_id, self.token, event, details)
+
+    # -- the run --------------------------------------------------------
+
+    def execute(self) -> str:
+        self.log("claimed", kind=self.job["kind"])
+        published = False
+        try:
+            result = self.perform()
+            self.checkpoint()
+            self.publish_outputs()
+            published = True
+            self.final_row = self.with_db_retries(lambda: self.ledger.complete(self.job_id, self.token, result))
+            self.log("completed")
+            return "completed"
+        except RunStopped as stop:
+            return self.stopped(stop.reason)
+        except FencedOut:
+            return self.stopped("fenced")
+        except RunFailure as failure:
+            return self.failed(failure)
+        except paths.UnsafePath as exc:
+            return self.failed(RunFailure("invalid_request", exc.message))
+        except process.ProbeFailed as exc:
+            return self.failed(RunFailure("invalid_input", f"cannot read the input: {exc}", stderr_tail=exc.stderr_tail))
+        except kinds.PlanError as exc:
+            return self.failed(RunFailure(exc.code, str(exc)))
+        except OSError as exc:
+            return self.failed(RunFailure("io_error", f"I/O error: {exc.strerror or exc}", retryable=True))
+        except DBAPIError:
+            log.exception("job=%s attempt=%s event=database_error", self.job_id, self.token)
+            return self.failed(RunFailure("database_error", "the ledger was unreachable", retryable=True))
+        finally:
+            if not published:
+                self.discard_outputs()
+            self.remove_scratch()
+
+    def perform(self) -> dict:
+        """Plan with the kind's planner, run ffmpeg, finish, and describe the outputs."""
+        planner = PLANNERS.get(self.job["kind"])
+        if planner is None:
+            raise RunFailure("unsupported_kind", f"this worker cannot run {self.job['kind']!r} jobs")
+        plan = planner(self)
+        self.checkpoint(media_duration_s=plan.duration_s)
+        if plan.args is not None:
+            self.run_ffmpeg(plan)
+        result = dict(plan.result)
+        if plan.finish is not None:
+            result.update(plan.finish())
+        if self.outputs:
+            result = {"outputs": [self.describe(output) for output in self.outputs], **result}
+        return result
+
+    def run_ffmpeg(self, plan: kinds.Plan) -> None:
+        outcome = process.run_ffmpeg(
+            plan.args, duration_s=plan.duration_s, tick=self.tick,
+            tick_interval_s=self.settings.progress_interval_s, timeout_s=self.remaining_s(),
+        )
+        if outcome.last_progress is not None and outcome.last_progress != self.progress_written:
+            self.write_progress(outcome.last_progress)  # the final snapshot, unless a tick already wrote it
+        if outcome.stopped == "timeout":
+            raise RunFailure("timeout", f"the job ran past its timeout of {self.job['timeout_s']} s",
+                             stderr_tail=outcome.stderr_tail)
+        if outcome.stopped is not None:
+            raise RunStopped(outcome.stopped)
+        if outcome.returncode is not None and outcome.returncode < 0:
+            raise RunFailure("ffmpeg_killed", f"ffmpeg was killed by signal {-outcome.returncode}",
+                             retryable=True, stderr_tail=outcome.stderr_tail)
+        if outcome.returncode != 0:
+            message = sanitize(last_error_line(outcome.stderr_tail), self.root)
+            raise RunFailure("ffmpeg_failed", f"ffmpeg exited with code {outcome.returncode}: {message}",
+                             stderr_tail=outcome.stderr_tail)
+
+    # -- ledger writes during the run ---------------------------------
+
+    def tick(self, progress: Progress | None) -> str | None:
+        """Heartbeat (with progress when there is new progress); a reason stops ffmpeg."""
+        try:
+            beat = self.ledger.heartbeat(self.job_id, self.token, progress.as_dict() if progress else None)
+            if progress is not None:
+                self.progress_written = progress
+        except FencedOut:
+            self.log("fenced_out")
+            return "fenced"
+        except DBAPIError as exc:
+            # A brief database outage must not kill a long encode: the next tick retries.
+            self.log("heartbeat_failed", error=type(exc.orig).__name__ if exc.orig else str(exc))
+            return None
+        return "cancelled" if beat.cancel_requested else None
+
+    def write_progress(self, progress: Progress) -> None:
+        try:
+            self.ledger.heartbeat(self.job_id, self.token, progress.as_dict())
+        except DBAPIError:
+            pass  # the completion write follows and carries the final state
+        except FencedOut:
+            raise RunStopped("fenced")
+
+    def checkpoint(self, **columns) -> None:
+        """A fenced heartbeat between steps: stop here if the job was cancelled or lost."""
+        beat = self.with_db_retries(lambda: self.ledger.heartbeat(self.job_id, self.token, **columns))
+        self.last_beat = time.monotonic()
+        if beat.cancel_requested:
+            raise RunStopped("cancelled")
+
+    def keep_alive(self) -> None:
+        """During long planning (probing 100 inputs): a checkpoint once per progress interval."""
+        if time.monotonic() - self.last_beat >= self.settings.progress_interval_s:
+            self.checkpoint()
+
+    def with_db_retries(self, write, attempts: int = 5):
+        """Retry an idempotent ledger write through a brief database outage."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return write()
+            except DBAPIError:
+                if attempt == attempts:
+                    raise
+                time.sleep(min(5.0, 0.2 * 2 ** attempt))
+
+    # -- endings ----------------------------------------------------------
+
+    def stopped(self, reason: str) -> str:
+        self.discard_outputs()
+        if reason == "cancelled":
+            try:
+                self.final_row = self.with_db_retries(lambda: self.ledger.record_cancelled(self.job_id, self.token))
+            except FencedOut:
+                return self.stopped("fenced")
+            self.log("cancelled")
+            return "cancelled"
+        self.log("lost", reason=reason)
+        return "lost"
+
+    def failed(self, failure: RunFailure) -> str:
+        self.discard_outputs()
+        delay = backoff_s(self.token)
+        try:
+            row = self.with_db_retries(lambda: self.ledger.fail(
+                self.job_id, self.token, code=failure.code, message=failure.message,
+                stderr_tail=failure.stderr_tail, retryable=failure.retryable, backoff_s=delay,
+            ))
+        except FencedOut:
+            return self.stopped("fenced")
+        self.final_row = row
+        self.log("failed" if row["status"] == "failed" else "retry", code=failure.code, message=failure.message)
+        return "failed" if row["status"] == "failed" else "retry"
+
+    # -- the planner's context (kinds.RunContext) ----------------------------
+
+    def input(self, user_path: str) -> Path:
+        return paths.input_path(self.root, user_path)
+
+    def probe(self, path: Path, *, extradata_hash: bool = False) -> dict:
+        return self.probe_many([path], extradata_hash=extradata_hash)[0]
+
+    def probe_many(self, sources: list[Path], *, extradata_hash: bool = False) -> list[dict]:
+        """ffprobe every source (side by side), heartbeating between batches."""
+        probes: list[dict] = []
+        for start in range(0, len(sources), PROBE_BATCH):
+            self.keep_alive()
+            batch = [str(path) for path in sources[start:start + PROBE_BATCH]]
+            try:
+                probes += process.ffprobe_many(batch, timeout_s=max(1.0, self.remaining_s()),
+                                               formats=kinds.INPUT_FORMATS, extradata_hash=extradata_hash)
+            except process.ProbeFailed as exc:
+                exc.index += start
+                raise
+        return probes
+
+    def output(self, user_path: str, suffixes: frozenset[str] | None = None) -> Output:
+        final = paths.output_path(self.root, user_path, overwrite=self.overwrite, suffixes=suffixes)
+        if any(output.final == final for output in self.outputs):
+            raise RunFailure("invalid_request", f"output {user_path!r} is named twice")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        output = Output(user_path, final, self.temp_name(final))
+        self.outputs.append(output)
+        return output
+
+    def output_dir(self, user_path: str, *, entry: str, formats: str) -> Output:
+        final = paths.output_dir_path(self.root, user_path, overwrite=self.overwrite)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        output = Output(user_path, final, self.temp_name(final), is_dir=True, entry=entry, formats=formats)
+        self.outputs.append(output)
+        output.temp.mkdir()
+        return output
+
+    def scratch(self, beside: Path, suffix: str) -> Path:
+        path = self.temp_name(beside.with_name(beside.name + suffix))
+        self.scratch_files.append(path)
+        return path
+
+    @property
+    def overwrite(self) -> bool:
+        return bool(self.spec.get("overwrite", False))
+
+    def temp_name(self, final: Path) -> Path:
+        return paths.temp_path_for(final, str(self.job_id), self.token)
+
+    # -- outputs ------------------------------------------------------------
+
+    def describe(self, output: Output) -> dict:
+        try:
+            probe = process.ffprobe(str(output.described_path), timeout_s=max(5.0, self.remaining_s()),
+                                    formats=output.formats)
+        except process.ProbeFailed as exc:
+            raise RunFailure("ffmpeg_failed", f"ffmpeg wrote an output that ffprobe cannot read: "
+                                              f"{output.described_user_path!r}", stderr_tail=exc.stderr_tail) from None
+        size = tree_size(output.temp) if output.is_dir else output.temp.stat().st_size
+        return media.output_summary(output.described_user_path, probe, size)
+
+    def publish_outputs(self) -> None:
+        """Move every output into place; if one cannot be, take back those already placed."""
+        placed: list[Output] = []
+        try:
+            for output in self.outputs:
+                move = publish_dir if output.is_dir else publish
+                move(output.temp, output.final, overwrite=self.overwrite, user_path=output.user_path)
+                placed.append(output)
+        except (RunFailure, OSError):
+            if not self.overwrite:  # what was placed was created by this run: nothing else is lost
+                for output in placed:
+                    remove_path(output.final)
+            raise
+
+    def discard_outputs(self) -> None:
+        for output in self.outputs:
+            remove_path(output.temp)
+
+    def remove_scratch(self) -> None:
+        for path in self.scratch_files:
+            remove_path(path)
+
+    def remaining_s(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a directory tree; a missing one is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def tree_size(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def publish(temp: Path, final: Path, *, overwrite: bool, user_path: str) -> None:
+    """Move a finished temp file into place atomically.
+
+    Without overwrite, a hard link refuses to clobber a file that appeared
+    since submission; with it, rename(2) replaces the target in one step.
+    """
+    if overwrite:
+        os.replace(temp, final)
+        return
+    try:
+        os.link(temp, final)
+    except FileExistsError:
+        raise RunFailure("output_exists", f"output {user_path!r} appeared while the job ran; set overwrite to replace it")
+    temp.unlink()
+
+
+def publish_dir(temp: Path, final: Path, *, overwrite: bool, user_path: str) -> None:
+    """Move a finished temp directory into place atomically.
+
+    Without overwrite the rename refuses to replace anything that appeared
+    since submission; with it, an existing directory is swapped with the new
+    one in a single step (readers see the old tree or the new one, never a
+    mix) and then deleted.
+    """
+    try:
+        _rename(temp, final, _RENAME_NOREPLACE)
+        return
+    except FileExistsError:
+        if not overwrite:
+            raise RunFailure("output_exists", f"output {user_path!r} appeared while the job ran; "
+                                              "set overwrite to replace it") from None
+    if final.is_symlink() or not final.is_dir():
+        raise RunFailure("output_exists", f"output {user_path!r} exists and is not a directory")
+    _rename(temp, final, _RENAME_EXCHANGE)
+    shutil.rmtree(temp, ignore_errors=True)  # now the previous directory
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+
+
+def _rename(source: Path, target: Path, flags: int) -> None:
+    """renameat2(2); where the C library or the filesystem lacks it, the closest portable steps."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), flags) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(code, os.strerror(code), str(target))
+    if flags == _RENAME_NOREPLACE:
+        if os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+        os.rename(source, target)
+        return
+    aside = source.with_name(source.name + ".previous")
+    os.rename(target, aside)
+    os.rename(source, target)
+    os.rename(aside, source)

@@ -1,0 +1,42 @@
+"""Helpers shared by the tests (not fixtures)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def ffmpeg_processes_touching(fragment: str) -> list[int]:
+    """PIDs of ffmpeg processes whose argv mentions ``fragment``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"ffmpeg") and any(fragment.encode() in arg for arg in argv):
+            pids.append(int(entry.name))
+    return pids
+
+
+def wait_until(predicate, timeout_s: float = 30.0, interval_s: float = 0.05):
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        time.sleep(interval_s)
+
+
+def make_celery_current(app) -> None:
+    """Make ``app``'s Celery the current and default one again.
+
+    Creating a second Flask app (another queue, a broken broker) makes its Celery
+    current, and shared tasks called in-process would then run on that app.
+    """
+    app.extensions["celery"].set_current()
+    app.extensions["celery"].set_default()

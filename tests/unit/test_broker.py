@@ -1,0 +1,42 @@
+"""The worker's start-up warning about broker settings that re-deliver or kill long tasks."""
+from types import SimpleNamespace
+
+from ffworker.broker import beat_schedule, redelivery_risks
+from ffworker.config import Settings
+
+
+def conf(**overrides):
+    values = dict(broker_url="redis://localhost:6379/0", broker_transport_options={"visibility_timeout": 14400},
+                  task_acks_late=False, worker_prefetch_multiplier=1)
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+def test_the_shipped_settings_raise_no_warning():
+    import celeryconfig
+
+    shipped = conf(task_acks_late=celeryconfig.task_acks_late,
+                   broker_transport_options=celeryconfig.broker_transport_options,
+                   worker_prefetch_multiplier=celeryconfig.worker_prefetch_multiplier)
+    assert redelivery_risks(shipped, 3600) == []
+
+
+def test_late_acks_with_a_short_redis_visibility_timeout_warn():
+    risks = redelivery_risks(conf(task_acks_late=True, broker_transport_options={"visibility_timeout": 600}), 3600)
+    assert len(risks) == 1 and "visibility_timeout (600 s)" in risks[0]
+
+
+def test_late_acks_with_rabbitmq_warn_about_consumer_timeout():
+    risks = redelivery_risks(conf(task_acks_late=True, broker_url="amqp://guest@localhost//"), 3600)
+    assert len(risks) == 1 and "consumer_timeout" in risks[0]
+
+
+def test_prefetching_more_than_one_message_warns():
+    assert "prefetch" in redelivery_risks(conf(worker_prefetch_multiplier=4), 3600)[0]
+
+
+def test_beat_runs_reaper_and_redispatch_at_the_maintenance_interval():
+    schedule = beat_schedule(Settings(maintenance_interval_s=7))
+    assert schedule["reap-stale-jobs"]["schedule"] == 7
+    assert schedule["redispatch-lost-messages"]["schedule"] == 7
+    assert schedule["prune-old-jobs"]["task"] == "ffworker.maintenance.prune"
