@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import click
@@ -402,13 +402,17 @@ def demo(ctx: Context, port: int, seconds: int) -> None:
     client = Client(f"http://127.0.0.1:{port}", key)
     started = []
     try:
+        # Each half of the stack is started only when it is not already running.
         if not client.healthy():
             started.append(_start("web", [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "ffworker/gunicorn_conf.py"),
                                           "--bind", f"127.0.0.1:{port}", "ffworker.app:create_app()"]))
+        queue_consumed = partial(_queue_consumed, ctx.app.extensions["celery"], settings.task_queue)
+        if not queue_consumed():
             started.append(_start("worker", [sys.executable, "-m", "celery", "-A", "ffworker.celery_app", "worker",
                                              "-O", "fair", "--prefetch-multiplier", "1", "--concurrency", "2",
                                              "--loglevel", "WARNING"]))
-            _wait_for(client.healthy, "the web process", 30)
+        _wait_for(client.healthy, "the web process", 30)
+        _wait_for(queue_consumed, f"a worker consuming {settings.task_queue!r}", 30)
         output = f"out/demo-360p-{uuid.uuid4().hex[:8]}.mp4"
         job = _api(lambda: client.submit({"kind": "transcode", "input": clip.name, "output": output,
                                           "preset": "h264-360p"}))
@@ -425,6 +429,15 @@ def demo(ctx: Context, port: int, seconds: int) -> None:
     _print_ledger_row(engine, job["id"])
     if job["status"] != "completed":
         raise click.ClickException(f"the demo job ended {job['status']}: {job.get('error')}")
+
+
+def _queue_consumed(celery, queue: str) -> bool:
+    """Does a live worker consume ``queue``? (Celery's remote control; one second at most.)"""
+    try:
+        replies = celery.control.inspect(timeout=1.0).active_queues() or {}
+    except Exception:  # the broker is away: no worker can be consuming
+        return False
+    return any(q.get("name") == queue for queues in replies.values() for q in queues or [])
 
 
 def _generate_clip(path: Path, seconds: int) -> None:

@@ -130,6 +130,12 @@ def container_of(spec: dict, output: str) -> str:
     return spec.get("container") or Path(output).suffix.lower().lstrip(".")
 
 
+# Without explicit settings, a transcode encodes with the first codec of these
+# that the container can hold: h264+aac in mp4, vp9+opus in webm, mp3 in .mp3.
+DEFAULT_VIDEO_CODECS = ("h264", "vp9")
+DEFAULT_AUDIO_CODECS = ("aac", "opus", "mp3")
+
+
 def resolved_codecs(spec: dict) -> tuple[dict | None, dict | None]:
     """The (video, audio) settings a transcode request asks for, presets expanded."""
     if spec.get("preset"):
@@ -137,13 +143,17 @@ def resolved_codecs(spec: dict) -> tuple[dict | None, dict | None]:
         return preset["video"], preset["audio"]
     video = spec.get("video")
     audio = spec.get("audio")
-    container = container_of(spec, spec["output"])
-    _, video_ok, _ = CONTAINERS[container]
-    if video is None and video_ok:
-        video = {"codec": "h264"}
+    _, video_ok, audio_ok = CONTAINERS[container_of(spec, spec["output"])]
+    if video is None:
+        video = _default_codec(DEFAULT_VIDEO_CODECS, video_ok)
     if audio is None:
-        audio = {"codec": "opus" if container in ("webm", "ogg") else "aac"}
+        audio = _default_codec(DEFAULT_AUDIO_CODECS, audio_ok)
     return video, audio
+
+
+def _default_codec(preferred: tuple[str, ...], allowed: set[str]) -> dict | None:
+    """None for a container without that kind of stream (an audio-only container gets no video)."""
+    return next(({"codec": codec} for codec in preferred if codec in allowed), None)
 
 
 def transcode_rule_errors(spec: dict) -> dict[str, str]:

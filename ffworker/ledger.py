@@ -183,7 +183,7 @@ class Ledger:
 
     def heartbeat(
         self, job_id, token: int, progress: Mapping[str, Any] | None = None,
-        *, media_duration_s: float | None = None,
+        *, media_duration_s: float | None = None, placing_outputs: bool = False,
     ) -> Heartbeat:
         """Fenced heartbeat, optionally carrying a progress snapshot.
 
@@ -196,6 +196,8 @@ class Ledger:
                 values[column] = progress.get(key)
         if media_duration_s is not None:
             values["media_duration_s"] = media_duration_s
+        if placing_outputs:
+            values["outputs_placed_attempt"] = token
         statement = (
             update(jobs)
             .where(jobs.c.id == job_id, jobs.c.status == "running", jobs.c.attempts == token)

@@ -101,6 +101,10 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(TZ)
     finished_at: Mapped[datetime | None] = mapped_column(TZ)
     cancel_requested_at: Mapped[datetime | None] = mapped_column(TZ)
+    # The attempt that began moving its outputs into place. A later attempt of
+    # the same job (the earlier one died before recording completion) may
+    # replace what that attempt placed: those files are this job's own.
+    outputs_placed_attempt: Mapped[int | None] = mapped_column(Integer)
 
     # Progress: rewritten every progress interval, so none of these (nor
     # heartbeat_at/updated_at) may appear in an index: the writes stay HOT.

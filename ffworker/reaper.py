@@ -65,7 +65,8 @@ def reap(ledger: Ledger, *, stale_after_s: float, grace_s: float, dry_run: bool 
                 .values(last_run_at=func.now(), armed_at=func.now() + func.make_interval(0, 0, 0, 0, 0, 0, grace_s))
                 .returning(state.c.armed_at)
             ).scalar_one()
-            log.warning("event=reaper_armed reason=previous run older than %s s armed_until=%s", grace_s, armed_at)
+            log.warning("event=reaper_armed reason=%r armed_until=%s", f"previous run older than {grace_s:g} s",
+                        armed_at.isoformat())
             return ReapReport("arming", armed_until=armed_at)
         conn.execute(state.update().where(state.c.name == STATE_NAME).values(last_run_at=func.now()))
         if row.still_armed:

@@ -108,7 +108,8 @@ def run(job_id, ledger: Ledger, settings: Settings) -> RunReport:
     try:
         claim = ledger.claim(job_id, worker_name())
     except NotClaimable as exc:
-        log.info("job=%s event=skipped reason=%r", job_id, str(exc))
+        # This message claimed nothing: there is no attempt of its own to name.
+        log.info("job=%s attempt=none event=skipped reason=%r", job_id, str(exc))
         return RunReport("skipped")
     job_run = JobRun(claim, ledger, settings)
     outcome = job_run.execute()
@@ -132,10 +133,12 @@ class JobRun:
         self.final_row: dict | None = None
         self.last_beat = time.monotonic()
         self.progress_written: Progress | None = None
+        # An earlier attempt died while placing outputs: what it placed is ours to replace.
+        self.replaces_own_outputs = claim.job.get("outputs_placed_attempt") is not None
 
     def log(self, event: str, **fields) -> None:
-        details = " ".join(f"{k}={v!r}" for k, v in fields.items())
-        log.info("job=%s attempt=%s event=%s %s", self.job_id, self.token, event, details)
+        details = "".join(f" {k}={v!r}" for k, v in fields.items())
+        log.info("job=%s attempt=%s event=%s%s", self.job_id, self.token, event, details)
 
     # -- the run --------------------------------------------------------
 
@@ -144,7 +147,7 @@ class JobRun:
         published = False
         try:
             result = self.perform()
-            self.checkpoint()
+            self.checkpoint(placing_outputs=bool(self.outputs))
             self.publish_outputs()
             published = True
             self.final_row = self.with_db_retries(lambda: self.ledger.complete(self.job_id, self.token, result))
@@ -164,8 +167,8 @@ class JobRun:
             return self.failed(RunFailure(exc.code, str(exc)))
         except OSError as exc:
             return self.failed(RunFailure("io_error", f"I/O error: {exc.strerror or exc}", retryable=True))
-        except DBAPIError:
-            log.exception("job=%s attempt=%s event=database_error", self.job_id, self.token)
+        except DBAPIError as exc:
+            self.log("database_error", error=type(exc.orig or exc).__name__)
             return self.failed(RunFailure("database_error", "the ledger was unreachable", retryable=True))
         finally:
             if not published:
@@ -329,7 +332,8 @@ class JobRun:
 
     @property
     def overwrite(self) -> bool:
-        return bool(self.spec.get("overwrite", False))
+        """May outputs replace existing files: asked for, or those files are this job's own."""
+        return bool(self.spec.get("overwrite", False)) or self.replaces_own_outputs
 
     def temp_name(self, final: Path) -> Path:
         return paths.temp_path_for(final, str(self.job_id), self.token)

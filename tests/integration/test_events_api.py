@@ -320,7 +320,9 @@ def test_long_poll_returns_as_soon_as_the_job_ends(base_url, ledger, tenant):
                             timeout=15)
     elapsed = time.monotonic() - started
     assert response.status_code == 200 and response.json()["status"] == "completed"
-    assert 0.7 < elapsed < 2.0
+    # Not woken for good by the progress write (0.5 s), answered at the completion (0.8 s),
+    # long before the 10 s the client was ready to wait.
+    assert 0.8 <= elapsed < 5.0
 
 
 def test_long_poll_answers_after_the_wait_when_the_job_does_not_end(base_url, ledger, tenant):

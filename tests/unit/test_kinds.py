@@ -291,7 +291,6 @@ def test_both_codec_errors_are_reported_together():
     assert set(errors) == {"video", "audio"}
 
 
-@pytest.mark.xfail(strict=True, reason="resolved_codecs defaults video to h264 even for .webm, which cannot hold it")
 def test_webm_without_explicit_codecs_defaults_to_vp9_and_opus():
     spec = {"output": "o.webm"}
     assert transcode_rule_errors(spec) == {}
@@ -299,7 +298,6 @@ def test_webm_without_explicit_codecs_defaults_to_vp9_and_opus():
     assert option(args, "-c:v") == "libvpx-vp9" and option(args, "-c:a") == "libopus"
 
 
-@pytest.mark.xfail(strict=True, reason="resolved_codecs defaults audio to aac for .mp3, which cannot hold it")
 def test_mp3_without_explicit_codecs_defaults_to_mp3_audio():
     spec = {"output": "o.mp3"}
     assert transcode_rule_errors(spec) == {}

@@ -227,12 +227,10 @@ def test_a_bitrate_with_a_trailing_newline_is_rejected():
     assert "audio.bitrate" in rejected_fields(body)
 
 
-@pytest.mark.xfail(strict=True, reason="transcode defaults to h264 video whatever the container: .webm is refused")
 def test_a_webm_transcode_without_explicit_codecs_loads():
     load({"kind": "transcode", "input": "a.mp4", "output": "b.webm"})
 
 
-@pytest.mark.xfail(strict=True, reason="transcode defaults to aac audio for .mp3, which mp3 cannot hold")
 def test_an_mp3_transcode_without_explicit_codecs_loads():
     load({"kind": "transcode", "input": "a.mp4", "output": "b.mp3"})
 
