@@ -30,11 +30,10 @@ from typing import Any, Callable, Iterator, Mapping
 
 from sqlalchemy.engine import make_url
 
-from ffworker.models import TERMINAL_STATUSES
+from ffworker.models import NOTIFY_CHANNEL as CHANNEL, TERMINAL_STATUSES
 
 log = logging.getLogger("ffworker.events")
 
-CHANNEL = "ffworker_jobs"
 DEGRADED_POLL_S = 1.0
 RECONNECT_MAX_S = 5.0
 LISTENER_CHECK_S = 30.0

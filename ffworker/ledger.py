@@ -19,7 +19,7 @@ from sqlalchemy import Connection, Engine, and_, case, delete, func, insert, lit
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from ffworker.errors import AlreadyTerminal, FencedOut, JobNotFound, NotClaimable
-from ffworker.models import TERMINAL_STATUSES, Job, JobEvent, Tenant
+from ffworker.models import NOTIFY_CHANNEL as CHANNEL, TERMINAL_STATUSES, Job, JobEvent, Tenant
 
 jobs = Job.__table__
 events = JobEvent.__table__
@@ -77,17 +77,18 @@ class Heartbeat:
 
 
 def _event(conn: Connection, job_id, from_status, to_status, attempt, worker, reason) -> None:
+    """Append the transition's audit row and wake the status listeners, in one round trip."""
     conn.execute(
         insert(events).values(
             job_id=job_id, from_status=from_status, to_status=to_status,
             attempt=attempt, worker=worker, reason=reason,
-        )
+        ).returning(func.pg_notify(CHANNEL, f"{job_id}:status"))
     )
 
 
 def _notify(conn: Connection, job_id, kind: str) -> None:
     """Wake listeners (the SSE stream) after commit; NOTIFY is transactional."""
-    conn.execute(select(func.pg_notify("ffworker_jobs", f"{job_id}:{kind}")))
+    conn.execute(select(func.pg_notify(CHANNEL, f"{job_id}:{kind}")))
 
 
 class Ledger:
@@ -133,7 +134,6 @@ class Ledger:
             row = conn.execute(statement).mappings().first()
             if row is not None:
                 _event(conn, row["id"], None, "queued", 0, None, "submitted")
-                _notify(conn, row["id"], "status")
                 return dict(row), True
             existing = conn.execute(
                 select(*_RETURNING).where(
@@ -178,7 +178,6 @@ class Ledger:
             if row is None:
                 raise NotClaimable(job_id, f"job {job_id} is not claimable ({self._status(conn, job_id)})")
             _event(conn, job_id, "queued", "running", row["attempts"], worker, "claimed")
-            _notify(conn, job_id, "status")
         return Claim(job=dict(row), token=row["attempts"])
 
     def heartbeat(
@@ -212,26 +211,40 @@ class Ledger:
                 _notify(conn, job_id, "progress")
         return Heartbeat(cancel_requested=row.cancel_requested_at is not None)
 
-    def complete(self, job_id, token: int, result: dict) -> Row:
-        """running → completed. Idempotent: repeating it for the same attempt changes nothing."""
+    def complete(
+        self, job_id, token: int, result: dict, *,
+        media_duration_s: float | None = None, progress: Mapping[str, Any] | None = None,
+    ) -> Row:
+        """running → completed. Idempotent: repeating it for the same attempt changes nothing.
+
+        ``progress`` is the run's last snapshot when no heartbeat carried it yet: the
+        completion writes it too, sparing a short job one more UPDATE.
+        """
+        values: dict[str, Any] = {
+            "status": "completed", "result": result, "finished_at": func.now(), "updated_at": func.now(),
+            "heartbeat_at": func.now(),
+        }
+        if media_duration_s is not None:
+            values["media_duration_s"] = media_duration_s
+        if progress is not None:
+            values["progress_at"] = func.now()
+            values.update({column: progress.get(key) for key, column in PROGRESS_COLUMNS.items()})
+        # Percent and ETA end at 100 and 0 where progress was measurable at all.
+        measurable = progress is not None or media_duration_s is not None
+        values["progress_percent"] = 100.0 if measurable else case(
+            (jobs.c.progress_percent.is_(None) & jobs.c.media_duration_s.is_(None), None), else_=100.0)
+        values["progress_eta_s"] = 0.0 if progress is not None else case(
+            (jobs.c.progress_at.is_(None), None), else_=0.0)
         statement = (
             update(jobs)
             .where(jobs.c.id == job_id, jobs.c.status == "running", jobs.c.attempts == token)
-            .values(
-                status="completed", result=result, finished_at=func.now(), updated_at=func.now(),
-                heartbeat_at=func.now(), progress_percent=case(
-                    (jobs.c.progress_percent.is_(None) & jobs.c.media_duration_s.is_(None), None),
-                    else_=100.0,
-                ),
-                progress_eta_s=case((jobs.c.progress_at.is_(None), None), else_=0.0),
-            )
+            .values(**values)
             .returning(*_RETURNING)
         )
         with self.engine.begin() as conn:
             row = conn.execute(statement).mappings().first()
             if row is not None:
                 _event(conn, job_id, "running", "completed", token, row["worker"], "completed")
-                _notify(conn, job_id, "status")
                 return dict(row)
             current = self._get(conn, job_id)
         if current is not None and current["status"] == "completed" and current["attempts"] == token:
@@ -264,7 +277,6 @@ class Ledger:
             if row is None:
                 raise FencedOut(job_id, f"attempt {token} of job {job_id} cannot fail it")
             _event(conn, job_id, "running", row["status"], token, row["worker"], f"{code}: {message}")
-            _notify(conn, job_id, "status")
         return dict(row)
 
     def record_cancelled(self, job_id, token: int) -> Row:
@@ -286,7 +298,6 @@ class Ledger:
             if row is None:
                 raise FencedOut(job_id, f"attempt {token} of job {job_id} cannot record its cancel")
             _event(conn, job_id, "running", "cancelled", token, row["worker"], "cancel requested")
-            _notify(conn, job_id, "status")
         return dict(row)
 
     # -- maintenance (beat) --------------------------------------------------
@@ -330,7 +341,6 @@ class Ledger:
         rows = [dict(r) for r in conn.execute(moved).mappings()]
         for row in rows:
             _event(conn, row["id"], "running", row["status"], row["attempts"], row["worker"], row["error_message"])
-            _notify(conn, row["id"], "status")
         return rows
 
     def due_for_dispatch(self, redispatch_after_s: float, limit: int = 500) -> list:
@@ -411,7 +421,8 @@ class Ledger:
                 raise AlreadyTerminal(job_id, f"job is already {current['status']}")
             if row["status"] == "cancelled":
                 _event(conn, job_id, "queued", "cancelled", row["attempts"], None, reason)
-            _notify(conn, job_id, "status")
+            else:  # a running job's cancel request: its watchers see the flag at once
+                _notify(conn, job_id, "status")
         return dict(row)
 
     # -- reads --------------------------------------------------------------

@@ -29,6 +29,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
+# The NOTIFY channel of every ledger write that a job's watchers care about.
+NOTIFY_CHANNEL = "ffworker_jobs"
 JOB_KINDS = ("probe", "transcode", "thumbnail", "concat", "hls", "command")
 
 NAMING = {

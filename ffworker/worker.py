@@ -133,6 +133,8 @@ class JobRun:
         self.final_row: dict | None = None
         self.last_beat = time.monotonic()
         self.progress_written: Progress | None = None
+        self.media_duration_s: float | None = None
+        self.final_progress: Progress | None = None
         # An earlier attempt died while placing outputs: what it placed is ours to replace.
         self.replaces_own_outputs = claim.job.get("outputs_placed_attempt") is not None
 
@@ -147,10 +149,13 @@ class JobRun:
         published = False
         try:
             result = self.perform()
-            self.checkpoint(placing_outputs=bool(self.outputs))
-            self.publish_outputs()
+            if self.outputs:  # a cancel seen now still leaves nothing behind
+                self.checkpoint(placing_outputs=True)
+                self.publish_outputs()
             published = True
-            self.final_row = self.with_db_retries(lambda: self.ledger.complete(self.job_id, self.token, result))
+            self.final_row = self.with_db_retries(lambda: self.ledger.complete(
+                self.job_id, self.token, result, media_duration_s=self.media_duration_s,
+                progress=self.final_progress.as_dict() if self.final_progress else None))
             self.log("completed")
             return "completed"
         except RunStopped as stop:
@@ -181,8 +186,9 @@ class JobRun:
         if planner is None:
             raise RunFailure("unsupported_kind", f"this worker cannot run {self.job['kind']!r} jobs")
         plan = planner(self)
-        self.checkpoint(media_duration_s=plan.duration_s)
+        self.media_duration_s = plan.duration_s
         if plan.args is not None:
+            # A cancel requested while planning is seen at ffmpeg's first heartbeat.
             self.run_ffmpeg(plan)
         result = dict(plan.result)
         if plan.finish is not None:
@@ -196,8 +202,8 @@ class JobRun:
             plan.args, duration_s=plan.duration_s, tick=self.tick,
             tick_interval_s=self.settings.progress_interval_s, timeout_s=self.remaining_s(),
         )
-        if outcome.last_progress is not None and outcome.last_progress != self.progress_written:
-            self.write_progress(outcome.last_progress)  # the final snapshot, unless a tick already wrote it
+        if outcome.last_progress != self.progress_written:
+            self.final_progress = outcome.last_progress  # the completion writes it
         if outcome.stopped == "timeout":
             raise RunFailure("timeout", f"the job ran past its timeout of {self.job['timeout_s']} s",
                              stderr_tail=outcome.stderr_tail)
@@ -216,7 +222,8 @@ class JobRun:
     def tick(self, progress: Progress | None) -> str | None:
         """Heartbeat (with progress when there is new progress); a reason stops ffmpeg."""
         try:
-            beat = self.ledger.heartbeat(self.job_id, self.token, progress.as_dict() if progress else None)
+            beat = self.ledger.heartbeat(self.job_id, self.token, progress.as_dict() if progress else None,
+                                         media_duration_s=self.media_duration_s)
             if progress is not None:
                 self.progress_written = progress
         except FencedOut:
@@ -227,14 +234,6 @@ class JobRun:
             self.log("heartbeat_failed", error=type(exc.orig).__name__ if exc.orig else str(exc))
             return None
         return "cancelled" if beat.cancel_requested else None
-
-    def write_progress(self, progress: Progress) -> None:
-        try:
-            self.ledger.heartbeat(self.job_id, self.token, progress.as_dict())
-        except DBAPIError:
-            pass  # the completion write follows and carries the final state
-        except FencedOut:
-            raise RunStopped("fenced")
 
     def checkpoint(self, **columns) -> None:
         """A fenced heartbeat between steps: stop here if the job was cancelled or lost."""

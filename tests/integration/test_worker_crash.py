@@ -21,7 +21,7 @@ class WorkerDied(BaseException):
 
 
 class DiesBeforeRecordingCompletion(Ledger):
-    def complete(self, job_id, token, result):
+    def complete(self, *args, **kwargs):
         raise WorkerDied
 
 
