@@ -40,3 +40,13 @@ def make_celery_current(app) -> None:
     """
     app.extensions["celery"].set_current()
     app.extensions["celery"].set_default()
+
+
+def field_names(messages, prefix: str = "") -> set[str]:
+    """Dotted names of every field in a marshmallow error dict: {"video": {"crf": ...}} → video, video.crf."""
+    names = set()
+    if isinstance(messages, dict):
+        for key, value in messages.items():
+            names.add(prefix + str(key))
+            names |= field_names(value, f"{prefix}{key}.")
+    return names

@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import text
 
 from ffworker import tenants as ffwtenants
+from tests.helpers import field_names
 
 pytestmark = pytest.mark.integration
 
@@ -40,17 +41,8 @@ def assert_error(response, settings, status: int) -> dict:
 
 
 def error_fields(body: dict) -> set[str]:
-    """Dotted names of every field the error body names: {"video": {"crf": ...}} → video, video.crf."""
-
-    def walk(errors, prefix):
-        names = set()
-        if isinstance(errors, dict):
-            for key, value in errors.items():
-                names.add(prefix + str(key))
-                names |= walk(value, f"{prefix}{key}.")
-        return names
-
-    return walk(body.get("errors") or {}, "")
+    """Dotted names of every field the error body names."""
+    return field_names(body.get("errors") or {})
 
 
 def job_count(engine, tenant=None) -> int:

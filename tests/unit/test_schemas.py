@@ -9,6 +9,7 @@ import pytest
 from marshmallow import ValidationError
 
 from ffworker.schemas import METADATA_MAX_BYTES, JobRequestSchema, JobSchema, present, split_request
+from tests.helpers import field_names
 
 COMMON_DEFAULTS = {"priority": 0, "timeout_s": None, "workspace": "default", "metadata": {}, "overwrite": False}
 
@@ -17,14 +18,7 @@ def load(body):
     return JobRequestSchema().load(body)
 
 
-def error_fields(messages, prefix="") -> set[str]:
-    """Dotted names of every field in marshmallow's error dict."""
-    names = set()
-    if isinstance(messages, dict):
-        for key, value in messages.items():
-            names.add(prefix + str(key))
-            names |= error_fields(value, f"{prefix}{key}.")
-    return names
+error_fields = field_names
 
 
 def rejected_fields(body) -> set[str]:
