@@ -21,8 +21,11 @@ def get_engine(url: str) -> Engine:
             engine = create_engine(
                 url,
                 pool_pre_ping=True,
-                pool_size=5,
-                max_overflow=10,
+                # At most 15 connections per process, each kept once opened: an overflow
+                # connection is closed on return, so a web process serving more requests at
+                # once than pool_size would open and close a connection per request.
+                pool_size=15,
+                max_overflow=0,
                 connect_args={"application_name": "ffworker"},
             )
             _engines[url] = engine

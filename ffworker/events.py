@@ -2,7 +2,8 @@
 
 Every ledger transition and progress write runs ``pg_notify('ffworker_jobs',
 '<job id>:status|progress')`` inside its transaction, so PostgreSQL delivers it
-exactly when the change is committed. Each web process holds ONE listening
+exactly when the change is committed; a submission does not (nobody can follow a
+job before its id is returned). Each web process holds ONE listening
 connection (``NotificationHub``), whatever the number of clients; a
 notification wakes only the clients that follow that job, and they read the
 job once per notification per process (a small snapshot cache), never on a

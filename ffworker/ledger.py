@@ -15,7 +15,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from sqlalchemy import Connection, Engine, and_, case, delete, func, insert, literal, select, text, tuple_, update
+from sqlalchemy import (
+    Connection, Engine, and_, bindparam, case, delete, func, insert, literal, null, select, text, tuple_, update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from ffworker.errors import AlreadyTerminal, FencedOut, JobNotFound, NotClaimable
@@ -53,6 +55,40 @@ _REAP_BACKOFF = func.make_interval(
     func.least(300.0, 5.0 * func.power(2, jobs.c.attempts - 1)) * (0.5 + func.random() / 2),
 )
 NEVER_PUBLISHED_GRACE_S = 5.0
+
+
+_SUBMITTED_COLUMNS = ("id", "tenant_id", "kind", "spec", "workspace", "priority", "metadata", "max_attempts",
+                      "timeout_s", "idempotency_key", "request_sha256")
+
+
+def _submit_statement():
+    """Insert a queued job and its ``submitted`` event, in one statement. No NOTIFY: nobody
+    can follow a job before its id is returned, and PostgreSQL makes the commits of
+    notifying transactions wait for each other (one lock, held until each commit ends)."""
+    job = (
+        pg_insert(jobs)
+        .values({column: bindparam(column) for column in _SUBMITTED_COLUMNS})
+        .on_conflict_do_nothing(
+            index_elements=["tenant_id", "idempotency_key"], index_where=text("idempotency_key IS NOT NULL"),
+        )
+        .returning(*jobs.c)
+        .cte("job")
+    )
+    event = insert(events).from_select(
+        ["job_id", "from_status", "to_status", "attempt", "reason"],
+        select(job.c.id, null(), literal("queued"), literal(0), literal("submitted")),
+    ).cte("submitted")
+    return select(job).add_cte(event)
+
+
+# Built once: every submission runs them, and building a statement per call nearly doubled its
+# Python cost.
+_SUBMIT = _submit_statement()
+_MARK_DISPATCHED = (
+    update(jobs)
+    .where(jobs.c.id == bindparam("job_id"), jobs.c.status == "queued")
+    .values(dispatched_at=func.now(), dispatch_count=jobs.c.dispatch_count + 1)
+)
 
 
 class IdempotencyConflict(Exception):
@@ -121,19 +157,11 @@ class Ledger:
             priority=priority, metadata=metadata, max_attempts=max_attempts, timeout_s=timeout_s,
             idempotency_key=idempotency_key, request_sha256=request_sha256,
         )
-        statement = (
-            pg_insert(jobs)
-            .values(**values)
-            .on_conflict_do_nothing(
-                index_elements=["tenant_id", "idempotency_key"],
-                index_where=text("idempotency_key IS NOT NULL"),
-            )
-            .returning(*jobs.c)
-        )
-        with self.engine.begin() as conn:
-            row = conn.execute(statement).mappings().first()
+        # One statement in autocommit: one round trip, and the rows the events trigger locks
+        # (the transition totals) stay locked while PostgreSQL commits, not across round trips.
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            row = conn.execute(_SUBMIT, values).mappings().first()
             if row is not None:
-                _event(conn, row["id"], None, "queued", 0, None, "submitted")
                 return dict(row), True
             existing = conn.execute(
                 select(*_RETURNING).where(
@@ -146,13 +174,8 @@ class Ledger:
 
     def mark_dispatched(self, job_id) -> bool:
         """Stamp a publish of the job's message (bookkeeping for re-dispatch)."""
-        with self.engine.begin() as conn:
-            result = conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.status == "queued")
-                .values(dispatched_at=func.now(), dispatch_count=jobs.c.dispatch_count + 1)
-            )
-            return result.rowcount == 1
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            return conn.execute(_MARK_DISPATCHED, {"job_id": job_id}).rowcount == 1
 
     # -- a run: claim, heartbeat, finish -----------------------------------
 

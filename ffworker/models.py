@@ -131,6 +131,9 @@ class Job(Base):
         # The tenant's job listing, newest first, keyset-paginated on (created_at, id).
         Index("ix_jobs_tenant_created", "tenant_id", text("created_at DESC"), text("id DESC")),
         Index("ix_jobs_tenant_workspace_created", "tenant_id", "workspace", text("created_at DESC"), text("id DESC")),
+        # The listing filtered by status: one page read whatever the history. kind trails the
+        # keys so a kind filter is checked in the index, not on the rows it rejects.
+        Index("ix_jobs_tenant_status_created", "tenant_id", "status", text("created_at DESC"), text("id DESC"), "kind"),
         # Scans of the maintenance jobs: queued work to (re)dispatch, running work to reap.
         Index("ix_jobs_queued_run_after", "run_after", postgresql_where=text("status = 'queued'")),
         Index("ix_jobs_running_started", "started_at", postgresql_where=text("status = 'running'")),

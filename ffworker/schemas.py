@@ -201,6 +201,10 @@ KIND_SCHEMAS: dict[str, type[JobCommonSchema]] = {
 }
 
 
+# Built once: a schema instance holds no per-load state, and building one copies every field.
+_KIND_SCHEMA_INSTANCES = {kind: schema() for kind, schema in KIND_SCHEMAS.items()}
+
+
 class JobRequestSchema(Schema):
     """``POST /v1/jobs``: ``kind`` picks the schema the rest of the body must satisfy."""
 
@@ -210,10 +214,10 @@ class JobRequestSchema(Schema):
         if not isinstance(data, Mapping):
             raise ValidationError({"_schema": ["the request body must be a JSON object"]})
         kind = data.get("kind")
-        schema = KIND_SCHEMAS.get(kind) if isinstance(kind, str) else None
+        schema = _KIND_SCHEMA_INSTANCES.get(kind) if isinstance(kind, str) else None
         if schema is None:
             raise ValidationError({"kind": [f"must be one of: {', '.join(KIND_SCHEMAS)}"]})
-        return schema().load(data)
+        return schema.load(data)
 
 
 def split_request(request: dict) -> tuple[dict, dict]:

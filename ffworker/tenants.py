@@ -11,7 +11,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Engine, bindparam, func, insert, select, update
 
 from ffworker.models import ApiKey, Tenant
 
@@ -93,12 +93,15 @@ def revoke_key(engine: Engine, key_or_prefix: str) -> int:
         return result.rowcount
 
 
+_AUTHENTICATE = (
+    select(tenants.c.id, tenants.c.name)
+    .select_from(api_keys.join(tenants, tenants.c.id == api_keys.c.tenant_id))
+    .where(api_keys.c.key_sha256 == bindparam("key_sha256"), api_keys.c.revoked_at.is_(None))
+)
+
+
 def authenticate(engine: Engine, key: str) -> AuthenticatedTenant | None:
-    query = (
-        select(tenants.c.id, tenants.c.name)
-        .select_from(api_keys.join(tenants, tenants.c.id == api_keys.c.tenant_id))
-        .where(api_keys.c.key_sha256 == hash_key(key), api_keys.c.revoked_at.is_(None))
-    )
-    with engine.connect() as conn:
-        row = conn.execute(query).first()
+    # Every API request runs this: a statement built once, one round trip (no BEGIN/ROLLBACK).
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        row = conn.execute(_AUTHENTICATE, {"key_sha256": hash_key(key)}).first()
     return AuthenticatedTenant(row.id, row.name) if row else None
