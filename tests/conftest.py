@@ -82,6 +82,8 @@ def app(settings):
     app = create_app({"TESTING": True, "FFWORKER_SETTINGS": settings})
     yield app
     _purge_queue(app)
+    # Stop listening before the session's database is dropped under the listener.
+    app.extensions["ffworker_events"].hub.close()
 
 
 @pytest.fixture
