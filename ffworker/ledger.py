@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from sqlalchemy import (
-    Connection, Engine, and_, bindparam, case, delete, func, insert, literal, null, select, text, tuple_, update,
+    Boolean, Connection, Double, Engine, and_, bindparam, case, delete, func, insert, literal, null, select, text,
+    tuple_, update,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from ffworker.errors import AlreadyTerminal, FencedOut, JobNotFound, NotClaimable
@@ -127,9 +129,82 @@ def _notify(conn: Connection, job_id, kind: str) -> None:
     conn.execute(select(func.pg_notify(CHANNEL, f"{job_id}:{kind}")))
 
 
+
+def _transition_statement(change, from_status: str, to_status: str, reason: str):
+    """``change`` (an UPDATE of one job) with its audit row and NOTIFY, as one statement.
+
+    One round trip in autocommit instead of BEGIN, UPDATE, INSERT, COMMIT: the claim and
+    the completion are on every job's path. Returns the job's row (with its tenant's
+    name), or nothing when ``change`` matched no row — then nothing else happened either.
+    """
+    changed = change.returning(*jobs.c).cte("changed")
+    audit = insert(events).from_select(
+        ["job_id", "from_status", "to_status", "attempt", "worker", "reason"],
+        select(changed.c.id, literal(from_status), literal(to_status), changed.c.attempts, changed.c.worker,
+               literal(reason)),
+    ).returning(func.pg_notify(CHANNEL, func.concat(events.c.job_id, ":status"))).cte("audit")
+    tenant_name = select(tenants.c.name).where(tenants.c.id == changed.c.tenant_id).scalar_subquery()
+    return select(changed, tenant_name.label("tenant_name")).add_cte(audit)
+
+
+# Built once: every job's run starts with it.
+_CLAIM = _transition_statement(
+    update(jobs)
+    .where(
+        jobs.c.id == bindparam("job_id"),
+        jobs.c.status == "queued",
+        jobs.c.run_after <= func.now(),
+        jobs.c.cancel_requested_at.is_(None),
+    )
+    .values(
+        status="running", attempts=jobs.c.attempts + 1, worker=bindparam("worker"),
+        started_at=func.now(), heartbeat_at=func.now(), updated_at=func.now(),
+        finished_at=None, error_code=None, error_message=None,
+    ),
+    "queued", "running", "claimed",
+)
+
+
+# What the completion copies from the last snapshot; percent and ETA end at 100 and 0.
+_SNAPSHOT_KEYS = tuple(key for key in PROGRESS_COLUMNS if key not in ("percent", "eta_s"))
+
+
+def _complete_statement():
+    has_progress = bindparam("has_progress", type_=Boolean)
+    snapshot = {
+        column: case((has_progress, bindparam(f"p_{key}", type_=jobs.c[column].type)), else_=jobs.c[column])
+        for key, column in PROGRESS_COLUMNS.items() if key in _SNAPSHOT_KEYS
+    }
+    duration = func.coalesce(bindparam("media_duration_s", type_=Double), jobs.c.media_duration_s)
+    return _transition_statement(
+        update(jobs)
+        .where(jobs.c.id == bindparam("job_id"), jobs.c.status == "running",
+               jobs.c.attempts == bindparam("token"))
+        .values(
+            status="completed", result=bindparam("result", type_=JSONB), finished_at=func.now(),
+            updated_at=func.now(), heartbeat_at=func.now(), media_duration_s=duration,
+            progress_at=case((has_progress, func.now()), else_=jobs.c.progress_at),
+            **snapshot,
+            # Percent and ETA end at 100 and 0 where progress was measurable at all.
+            progress_percent=case(
+                ((has_progress | jobs.c.progress_percent.is_not(None) | duration.is_not(None)), 100.0)),
+            progress_eta_s=case(((has_progress | jobs.c.progress_at.is_not(None)), 0.0)),
+        ),
+        "running", "completed", "completed",
+    )
+
+
+# Built once: every job's run ends with it.
+_COMPLETE = _complete_statement()
+
+
 class Ledger:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+
+    def _autocommit(self) -> Connection:
+        """A connection whose every statement commits on its own: for single-statement writes."""
+        return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
 
     # -- submission -------------------------------------------------------
 
@@ -159,7 +234,7 @@ class Ledger:
         )
         # One statement in autocommit: one round trip, and the rows the events trigger locks
         # (the transition totals) stay locked while PostgreSQL commits, not across round trips.
-        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        with self._autocommit() as conn:
             row = conn.execute(_SUBMIT, values).mappings().first()
             if row is not None:
                 return dict(row), True
@@ -174,33 +249,17 @@ class Ledger:
 
     def mark_dispatched(self, job_id) -> bool:
         """Stamp a publish of the job's message (bookkeeping for re-dispatch)."""
-        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        with self._autocommit() as conn:
             return conn.execute(_MARK_DISPATCHED, {"job_id": job_id}).rowcount == 1
 
     # -- a run: claim, heartbeat, finish -----------------------------------
 
     def claim(self, job_id, worker: str) -> Claim:
         """queued → running, if due and not cancelled. The new attempt is the token."""
-        statement = (
-            update(jobs)
-            .where(
-                jobs.c.id == job_id,
-                jobs.c.status == "queued",
-                jobs.c.run_after <= func.now(),
-                jobs.c.cancel_requested_at.is_(None),
-            )
-            .values(
-                status="running", attempts=jobs.c.attempts + 1, worker=worker,
-                started_at=func.now(), heartbeat_at=func.now(), updated_at=func.now(),
-                finished_at=None, error_code=None, error_message=None,
-            )
-            .returning(*_RETURNING)
-        )
-        with self.engine.begin() as conn:
-            row = conn.execute(statement).mappings().first()
+        with self._autocommit() as conn:
+            row = conn.execute(_CLAIM, {"job_id": job_id, "worker": worker}).mappings().first()
             if row is None:
                 raise NotClaimable(job_id, f"job {job_id} is not claimable ({self._status(conn, job_id)})")
-            _event(conn, job_id, "queued", "running", row["attempts"], worker, "claimed")
         return Claim(job=dict(row), token=row["attempts"])
 
     def heartbeat(
@@ -243,31 +302,14 @@ class Ledger:
         ``progress`` is the run's last snapshot when no heartbeat carried it yet: the
         completion writes it too, sparing a short job one more UPDATE.
         """
-        values: dict[str, Any] = {
-            "status": "completed", "result": result, "finished_at": func.now(), "updated_at": func.now(),
-            "heartbeat_at": func.now(),
+        params = {
+            "job_id": job_id, "token": token, "result": result, "media_duration_s": media_duration_s,
+            "has_progress": progress is not None,
+            **{f"p_{key}": (progress or {}).get(key) for key in _SNAPSHOT_KEYS},
         }
-        if media_duration_s is not None:
-            values["media_duration_s"] = media_duration_s
-        if progress is not None:
-            values["progress_at"] = func.now()
-            values.update({column: progress.get(key) for key, column in PROGRESS_COLUMNS.items()})
-        # Percent and ETA end at 100 and 0 where progress was measurable at all.
-        measurable = progress is not None or media_duration_s is not None
-        values["progress_percent"] = 100.0 if measurable else case(
-            (jobs.c.progress_percent.is_(None) & jobs.c.media_duration_s.is_(None), None), else_=100.0)
-        values["progress_eta_s"] = 0.0 if progress is not None else case(
-            (jobs.c.progress_at.is_(None), None), else_=0.0)
-        statement = (
-            update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.status == "running", jobs.c.attempts == token)
-            .values(**values)
-            .returning(*_RETURNING)
-        )
-        with self.engine.begin() as conn:
-            row = conn.execute(statement).mappings().first()
+        with self._autocommit() as conn:
+            row = conn.execute(_COMPLETE, params).mappings().first()
             if row is not None:
-                _event(conn, job_id, "running", "completed", token, row["worker"], "completed")
                 return dict(row)
             current = self._get(conn, job_id)
         if current is not None and current["status"] == "completed" and current["attempts"] == token:
