@@ -1,7 +1,8 @@
 """The job ledger: the only code that writes job state.
 
-Every state change is one guarded ``UPDATE … WHERE status … RETURNING`` in its
-own transaction, together with the ``job_events`` row that records it. A run's
+Every state change is one guarded ``UPDATE … WHERE status … RETURNING`` that
+writes, in the same statement, the ``job_events`` row recording it (with its
+``actor``) and the NOTIFY that wakes the job's watchers. A run's
 later writes are fenced by its attempt number (the token the claim returned):
 a write that matches no row raises a typed error from ``ffworker.errors`` and
 the caller decides what to do; nothing here ever silently succeeds.
@@ -19,6 +20,7 @@ from sqlalchemy import (
     Boolean, Connection, Double, Engine, and_, bindparam, case, delete, func, insert, literal, null, select, text,
     tuple_, update,
 )
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
@@ -45,16 +47,40 @@ _TENANT_NAME = (
 )
 _RETURNING = (*jobs.c, _TENANT_NAME)
 
+
+
+def seconds(amount) -> ColumnElement:
+    """An interval of ``amount`` seconds; ``amount`` is a number or a SQL expression."""
+    return func.make_interval(0, 0, 0, 0, 0, 0, amount)
+
+
+def days(amount) -> ColumnElement:
+    return func.make_interval(0, 0, 0, amount)
+
+
+def is_stale(heartbeat_at, stale_after_s) -> ColumnElement:
+    """Whether a run's last heartbeat is older than ``stale_after_s``.
+
+    The SQL function of migration 0006 is the one definition: the reaper, the metrics and
+    ``report_stuck_jobs`` all call it, so they can never disagree on which job is stale.
+    """
+    return func.ffworker_is_stale(heartbeat_at, stale_after_s, type_=Boolean)
+
+
+# Retry backoff, computed by the database from the attempt that just ended (a worker's
+# transient failure or a stale run alike): 5 s, 10 s, 20 s … at most 300 s, each times a
+# random 0.5–1 so that a batch failing together does not come back together.
+BACKOFF_BASE_S = 5.0
+BACKOFF_CAP_S = 300.0
+_RETRY_DELAY = seconds(
+    func.least(BACKOFF_CAP_S, BACKOFF_BASE_S * func.power(2, jobs.c.attempts - 1)) * (0.5 + func.random() / 2)
+)
+
 # What the reaper does with a stale running job.
 _REAP_OUTCOME = case(
     (jobs.c.cancel_requested_at.is_not(None), "cancelled"),
     (jobs.c.attempts < jobs.c.max_attempts, "queued"),
     else_="failed",
-)
-# Exponential backoff with jitter, from the attempt that went stale: 5 s, 10 s, … ≤ 300 s.
-_REAP_BACKOFF = func.make_interval(
-    0, 0, 0, 0, 0, 0,
-    func.least(300.0, 5.0 * func.power(2, jobs.c.attempts - 1)) * (0.5 + func.random() / 2),
 )
 NEVER_PUBLISHED_GRACE_S = 5.0
 
@@ -77,8 +103,8 @@ def _submit_statement():
         .cte("job")
     )
     event = insert(events).from_select(
-        ["job_id", "from_status", "to_status", "attempt", "reason"],
-        select(job.c.id, null(), literal("queued"), literal(0), literal("submitted")),
+        ["job_id", "from_status", "to_status", "attempt", "reason", "actor"],
+        select(job.c.id, null(), literal("queued"), literal(0), literal("submitted"), literal("api")),
     ).cte("submitted")
     return select(job).add_cte(event)
 
@@ -114,37 +140,47 @@ class Heartbeat:
     cancel_requested: bool
 
 
-def _event(conn: Connection, job_id, from_status, to_status, attempt, worker, reason) -> None:
-    """Append the transition's audit row and wake the status listeners, in one round trip."""
-    conn.execute(
-        insert(events).values(
-            job_id=job_id, from_status=from_status, to_status=to_status,
-            attempt=attempt, worker=worker, reason=reason,
-        ).returning(func.pg_notify(CHANNEL, f"{job_id}:status"))
-    )
+def _notice(kind: str) -> ColumnElement:
+    """NOTIFY of a changed job row, for RETURNING: delivered to listeners (the SSE
+    stream) at commit, and only if the change commits."""
+    return func.pg_notify(CHANNEL, func.concat(jobs.c.id, f":{kind}"))
 
 
-def _notify(conn: Connection, job_id, kind: str) -> None:
-    """Wake listeners (the SSE stream) after commit; NOTIFY is transactional."""
-    conn.execute(select(func.pg_notify(CHANNEL, f"{job_id}:{kind}")))
+def _transition_statement(change, *, actor: str, from_status: str, reason, to_status=None, worker=None,
+                          audited=None):
+    """``change`` (an UPDATE of jobs) with its audit rows and NOTIFYs, as one statement.
 
-
-
-def _transition_statement(change, from_status: str, to_status: str, reason: str):
-    """``change`` (an UPDATE of one job) with its audit row and NOTIFY, as one statement.
-
-    One round trip in autocommit instead of BEGIN, UPDATE, INSERT, COMMIT: the claim and
-    the completion are on every job's path. Returns the job's row (with its tenant's
-    name), or nothing when ``change`` matched no row — then nothing else happened either.
+    One round trip in autocommit instead of BEGIN, UPDATE, INSERT, COMMIT, and no
+    transaction left open between them. Every changed row wakes its job's watchers and,
+    unless ``audited`` rules it out (a change that kept the status), gets its
+    ``job_events`` row, marked with ``actor``. ``reason``, ``to_status``, ``worker`` and
+    ``audited`` are plain values or functions of the changed row's columns; by default the
+    event records the row's new status and worker. Returns the changed rows (with their
+    tenant's name), or none when ``change`` matched nothing — then nothing else happened.
     """
-    changed = change.returning(*jobs.c).cte("changed")
+    changed = change.returning(*jobs.c, _notice("status").label("notified")).cte("changed")
+
+    def value(given, default=None):
+        given = default if given is None else given
+        return given(changed.c) if callable(given) else literal(given)
+
+    rows = select(
+        changed.c.id, literal(from_status), value(to_status, lambda row: row.status), changed.c.attempts,
+        value(worker, lambda row: row.worker), value(reason), literal(actor),
+    )
+    if audited is not None:
+        rows = rows.where(audited(changed.c))
     audit = insert(events).from_select(
-        ["job_id", "from_status", "to_status", "attempt", "worker", "reason"],
-        select(changed.c.id, literal(from_status), literal(to_status), changed.c.attempts, changed.c.worker,
-               literal(reason)),
-    ).returning(func.pg_notify(CHANNEL, func.concat(events.c.job_id, ":status"))).cte("audit")
+        ["job_id", "from_status", "to_status", "attempt", "worker", "reason", "actor"], rows,
+    ).cte("audit")
     tenant_name = select(tenants.c.name).where(tenants.c.id == changed.c.tenant_id).scalar_subquery()
-    return select(changed, tenant_name.label("tenant_name")).add_cte(audit)
+    return select(*(changed.c[column.name] for column in jobs.c), tenant_name.label("tenant_name")).add_cte(audit)
+
+
+def _fenced(change):
+    """``change`` restricted to the run holding the token: running, same attempt."""
+    return change.where(jobs.c.id == bindparam("job_id"), jobs.c.status == "running",
+                        jobs.c.attempts == bindparam("token"))
 
 
 # Built once: every job's run starts with it.
@@ -161,7 +197,7 @@ _CLAIM = _transition_statement(
         started_at=func.now(), heartbeat_at=func.now(), updated_at=func.now(),
         finished_at=None, error_code=None, error_message=None,
     ),
-    "queued", "running", "claimed",
+    actor="worker", from_status="queued", to_status="running", reason="claimed",
 )
 
 
@@ -177,9 +213,7 @@ def _complete_statement():
     }
     duration = func.coalesce(bindparam("media_duration_s", type_=Double), jobs.c.media_duration_s)
     return _transition_statement(
-        update(jobs)
-        .where(jobs.c.id == bindparam("job_id"), jobs.c.status == "running",
-               jobs.c.attempts == bindparam("token"))
+        _fenced(update(jobs))
         .values(
             status="completed", result=bindparam("result", type_=JSONB), finished_at=func.now(),
             updated_at=func.now(), heartbeat_at=func.now(), media_duration_s=duration,
@@ -190,12 +224,104 @@ def _complete_statement():
                 ((has_progress | jobs.c.progress_percent.is_not(None) | duration.is_not(None)), 100.0)),
             progress_eta_s=case(((has_progress | jobs.c.progress_at.is_not(None)), 0.0)),
         ),
-        "running", "completed", "completed",
+        actor="worker", from_status="running", to_status="completed", reason="completed",
     )
 
 
 # Built once: every job's run ends with it.
 _COMPLETE = _complete_statement()
+
+
+def _fail_statement():
+    """running → queued (a transient failure with attempts left, after the backoff) or failed."""
+    retry = and_(bindparam("retryable", type_=Boolean), jobs.c.attempts < jobs.c.max_attempts)
+    return _transition_statement(
+        _fenced(update(jobs))
+        .values(
+            status=case((retry, "queued"), else_="failed"),
+            run_after=case((retry, func.now() + _RETRY_DELAY), else_=jobs.c.run_after),
+            finished_at=case((retry, None), else_=func.now()),
+            dispatched_at=case((retry, None), else_=jobs.c.dispatched_at),
+            heartbeat_at=case((retry, None), else_=jobs.c.heartbeat_at),
+            error_code=bindparam("code"), error_message=bindparam("message"),
+            stderr_tail=bindparam("stderr_tail"), updated_at=func.now(),
+        ),
+        actor="worker", from_status="running",
+        reason=lambda row: func.concat(row.error_code, ": ", row.error_message),
+    )
+
+
+_FAIL = _fail_statement()
+
+_RECORD_CANCELLED = _transition_statement(
+    _fenced(update(jobs))
+    .where(jobs.c.cancel_requested_at.is_not(None))
+    .values(
+        status="cancelled", finished_at=func.now(), updated_at=func.now(),
+        error_code="cancelled", error_message="cancelled while running",
+    ),
+    actor="worker", from_status="running", to_status="cancelled", reason="cancel requested",
+)
+
+
+def _request_cancel_statement():
+    """queued → cancelled with its audit row; a running job only gets the flag (its worker
+    stops at its next heartbeat) and the NOTIFY that shows the request to its watchers."""
+    was_queued = jobs.c.status == "queued"
+    return _transition_statement(
+        # "tenant", not "tenant_id": a bind parameter named after a column would become a SET value.
+        update(jobs)
+        .where(jobs.c.id == bindparam("job_id"), jobs.c.tenant_id == bindparam("tenant"),
+               jobs.c.status.in_(("queued", "running")))
+        .values(
+            cancel_requested_at=func.coalesce(jobs.c.cancel_requested_at, func.now()),
+            status=case((was_queued, "cancelled"), else_=jobs.c.status),
+            finished_at=case((was_queued, func.now()), else_=jobs.c.finished_at),
+            error_code=case((was_queued, "cancelled"), else_=jobs.c.error_code),
+            error_message=case((was_queued, bindparam("reason")), else_=jobs.c.error_message),
+            updated_at=func.now(),
+        ),
+        # A queued job has no run: its worker column may name an earlier, failed one.
+        actor="api", from_status="queued", to_status="cancelled", worker=lambda row: null(),
+        reason=lambda row: row.error_message, audited=lambda row: row.status == "cancelled",
+    )
+
+
+_REQUEST_CANCEL = _request_cancel_statement()
+
+
+def _reap_statement():
+    """Every stale running job, in one statement: back to queued (after the backoff) while
+    attempts remain, else failed with ``stale``; cancelled if a cancel was pending. Jobs
+    locked by a writer are skipped: they are not silent, and a concurrent reaper must not
+    wait for them."""
+    stale = (
+        select(jobs.c.id)
+        .where(jobs.c.status == "running",
+               is_stale(jobs.c.heartbeat_at, bindparam("stale_after_s", type_=Double)))
+        .with_for_update(skip_locked=True)
+        .cte("stale")
+    )
+    retry = _REAP_OUTCOME == "queued"
+    reason = func.concat("stale: no heartbeat for ", func.round(
+        func.extract("epoch", func.now() - jobs.c.heartbeat_at)), " s")
+    return _transition_statement(
+        update(jobs)
+        .where(jobs.c.id == stale.c.id, jobs.c.status == "running")
+        .values(
+            status=_REAP_OUTCOME,
+            run_after=case((retry, func.now() + _RETRY_DELAY), else_=jobs.c.run_after),
+            finished_at=case((retry, None), else_=func.now()),
+            heartbeat_at=case((retry, None), else_=jobs.c.heartbeat_at),
+            dispatched_at=case((retry, None), else_=jobs.c.dispatched_at),
+            error_code=case((_REAP_OUTCOME == "cancelled", "cancelled"), else_="stale"),
+            error_message=reason, updated_at=func.now(),
+        ),
+        actor="reaper", from_status="running", reason=lambda row: row.error_message,
+    )
+
+
+_REAP = _reap_statement()
 
 
 class Ledger:
@@ -266,7 +392,7 @@ class Ledger:
         self, job_id, token: int, progress: Mapping[str, Any] | None = None,
         *, media_duration_s: float | None = None, placing_outputs: bool = False,
     ) -> Heartbeat:
-        """Fenced heartbeat, optionally carrying a progress snapshot.
+        """Fenced heartbeat, optionally carrying a progress snapshot (and its NOTIFY).
 
         Touches only unindexed columns so PostgreSQL can keep it a HOT update.
         """
@@ -279,18 +405,19 @@ class Ledger:
             values["media_duration_s"] = media_duration_s
         if placing_outputs:
             values["outputs_placed_attempt"] = token
+        returning = [jobs.c.cancel_requested_at]
+        if progress is not None:
+            returning.append(_notice("progress"))
         statement = (
             update(jobs)
             .where(jobs.c.id == job_id, jobs.c.status == "running", jobs.c.attempts == token)
             .values(**values)
-            .returning(jobs.c.cancel_requested_at)
+            .returning(*returning)
         )
-        with self.engine.begin() as conn:
+        with self._autocommit() as conn:
             row = conn.execute(statement).first()
-            if row is None:
-                raise FencedOut(job_id, f"attempt {token} of job {job_id} no longer owns it")
-            if progress is not None:
-                _notify(conn, job_id, "progress")
+        if row is None:
+            raise FencedOut(job_id, f"attempt {token} of job {job_id} no longer owns it")
         return Heartbeat(cancel_requested=row.cancel_requested_at is not None)
 
     def complete(
@@ -318,51 +445,24 @@ class Ledger:
 
     def fail(
         self, job_id, token: int, *, code: str, message: str, stderr_tail: str | None = None,
-        retryable: bool = False, backoff_s: float = 0.0,
+        retryable: bool = False,
     ) -> Row:
-        """running → queued (retryable and attempts left, after ``backoff_s``) or → failed."""
-        retry = and_(literal(retryable), jobs.c.attempts < jobs.c.max_attempts)
-        statement = (
-            update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.status == "running", jobs.c.attempts == token)
-            .values(
-                status=case((retry, "queued"), else_="failed"),
-                run_after=case((retry, func.now() + func.make_interval(0, 0, 0, 0, 0, 0, backoff_s)),
-                               else_=jobs.c.run_after),
-                finished_at=case((retry, None), else_=func.now()),
-                dispatched_at=case((retry, None), else_=jobs.c.dispatched_at),
-                heartbeat_at=case((retry, None), else_=jobs.c.heartbeat_at),
-                error_code=code, error_message=message, stderr_tail=stderr_tail,
-                updated_at=func.now(),
-            )
-            .returning(*_RETURNING)
-        )
-        with self.engine.begin() as conn:
-            row = conn.execute(statement).mappings().first()
-            if row is None:
-                raise FencedOut(job_id, f"attempt {token} of job {job_id} cannot fail it")
-            _event(conn, job_id, "running", row["status"], token, row["worker"], f"{code}: {message}")
+        """running → queued (retryable and attempts left; the backoff grows with the
+        attempt) or → failed."""
+        params = {"job_id": job_id, "token": token, "code": code, "message": message,
+                  "stderr_tail": stderr_tail, "retryable": retryable}
+        with self._autocommit() as conn:
+            row = conn.execute(_FAIL, params).mappings().first()
+        if row is None:
+            raise FencedOut(job_id, f"attempt {token} of job {job_id} cannot fail it")
         return dict(row)
 
     def record_cancelled(self, job_id, token: int) -> Row:
         """running → cancelled, once the run has killed its ffmpeg and cleaned up."""
-        statement = (
-            update(jobs)
-            .where(
-                jobs.c.id == job_id, jobs.c.status == "running", jobs.c.attempts == token,
-                jobs.c.cancel_requested_at.is_not(None),
-            )
-            .values(
-                status="cancelled", finished_at=func.now(), updated_at=func.now(),
-                error_code="cancelled", error_message="cancelled while running",
-            )
-            .returning(*_RETURNING)
-        )
-        with self.engine.begin() as conn:
-            row = conn.execute(statement).mappings().first()
-            if row is None:
-                raise FencedOut(job_id, f"attempt {token} of job {job_id} cannot record its cancel")
-            _event(conn, job_id, "running", "cancelled", token, row["worker"], "cancel requested")
+        with self._autocommit() as conn:
+            row = conn.execute(_RECORD_CANCELLED, {"job_id": job_id, "token": token}).mappings().first()
+        if row is None:
+            raise FencedOut(job_id, f"attempt {token} of job {job_id} cannot record its cancel")
         return dict(row)
 
     # -- maintenance (beat) --------------------------------------------------
@@ -370,43 +470,16 @@ class Ledger:
     def reap_stale(self, conn: Connection, stale_after_s: float, *, dry_run: bool = False) -> list[Row]:
         """Running jobs whose heartbeat is older than ``stale_after_s``: back to queued
         (with backoff) while attempts remain, else failed with ``stale``; a stale job whose
-        cancel was requested becomes cancelled. Runs in the caller's transaction (the
-        reaper holds its lock there). Returns one row per decision.
+        cancel was requested becomes cancelled. One statement, in the caller's transaction
+        (the reaper holds its lock there). Returns one row per decision.
         """
-        is_stale = and_(
-            jobs.c.status == "running",
-            jobs.c.heartbeat_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, stale_after_s),
-        )
         if dry_run:
             query = select(
                 jobs.c.id, jobs.c.attempts, jobs.c.max_attempts, jobs.c.worker, jobs.c.heartbeat_at,
                 (func.now() - jobs.c.heartbeat_at).label("silent_for"), _REAP_OUTCOME.label("to_status"),
-            ).where(is_stale)
+            ).where(jobs.c.status == "running", is_stale(jobs.c.heartbeat_at, stale_after_s))
             return [dict(r) for r in conn.execute(query).mappings()]
-        candidates = select(jobs.c.id).where(is_stale).with_for_update(skip_locked=True)
-        stale = candidates.cte("stale")
-        retry = _REAP_OUTCOME == "queued"
-        reason = func.concat("stale: no heartbeat for ", func.round(
-            func.extract("epoch", func.now() - jobs.c.heartbeat_at)), " s")
-        moved = (
-            update(jobs)
-            .where(jobs.c.id == stale.c.id, jobs.c.status == "running")
-            .values(
-                status=_REAP_OUTCOME,
-                run_after=case((retry, func.now() + _REAP_BACKOFF), else_=jobs.c.run_after),
-                finished_at=case((retry, None), else_=func.now()),
-                heartbeat_at=case((retry, None), else_=jobs.c.heartbeat_at),
-                dispatched_at=case((retry, None), else_=jobs.c.dispatched_at),
-                error_code=case((_REAP_OUTCOME == "cancelled", "cancelled"), else_="stale"),
-                error_message=reason, updated_at=func.now(),
-            )
-            .returning(jobs.c.id, jobs.c.status, jobs.c.attempts, jobs.c.worker, jobs.c.error_message,
-                       jobs.c.run_after, jobs.c.updated_at)
-        )
-        rows = [dict(r) for r in conn.execute(moved).mappings()]
-        for row in rows:
-            _event(conn, row["id"], "running", row["status"], row["attempts"], row["worker"], row["error_message"])
-        return rows
+        return [dict(r) for r in conn.execute(_REAP, {"stale_after_s": stale_after_s}).mappings()]
 
     def due_for_dispatch(self, redispatch_after_s: float, limit: int = 500) -> list:
         """Queued, due jobs whose last publish is old enough to count as lost.
@@ -421,8 +494,8 @@ class Ledger:
             else_=func.greatest(jobs.c.dispatched_at, jobs.c.run_after),
         )
         threshold = case(
-            (jobs.c.dispatched_at.is_(None), func.make_interval(0, 0, 0, 0, 0, 0, NEVER_PUBLISHED_GRACE_S)),
-            else_=func.make_interval(0, 0, 0, 0, 0, 0, func.least(
+            (jobs.c.dispatched_at.is_(None), seconds(NEVER_PUBLISHED_GRACE_S)),
+            else_=seconds(func.least(
                 3600.0, redispatch_after_s * func.power(2, func.least(jobs.c.dispatch_count - 1, 6))
             )),
         )
@@ -441,7 +514,7 @@ class Ledger:
         doomed = (
             select(jobs.c.id)
             .where(jobs.c.status.in_(TERMINAL_STATUSES),
-                   jobs.c.finished_at < func.now() - func.make_interval(0, 0, 0, retention_days))
+                   jobs.c.finished_at < func.now() - days(retention_days))
             .limit(batch)
             .with_for_update(skip_locked=True)
         )
@@ -461,34 +534,18 @@ class Ledger:
     def request_cancel(self, job_id, tenant_id, reason: str = "cancelled by request") -> Row:
         """Queued → cancelled at once; running → flagged for its worker to stop.
 
-        Raises JobNotFound (absent or another tenant's) or AlreadyTerminal.
+        One statement; only when it matched nothing does a read say why: JobNotFound
+        (absent or another tenant's) or AlreadyTerminal.
         """
-        was_queued = jobs.c.status == "queued"
-        statement = (
-            update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id, jobs.c.status.in_(("queued", "running")))
-            .values(
-                cancel_requested_at=func.coalesce(jobs.c.cancel_requested_at, func.now()),
-                status=case((was_queued, "cancelled"), else_=jobs.c.status),
-                finished_at=case((was_queued, func.now()), else_=jobs.c.finished_at),
-                error_code=case((was_queued, "cancelled"), else_=jobs.c.error_code),
-                error_message=case((was_queued, reason), else_=jobs.c.error_message),
-                updated_at=func.now(),
-            )
-            .returning(*_RETURNING)
-        )
-        with self.engine.begin() as conn:
-            row = conn.execute(statement).mappings().first()
-            if row is None:
-                current = self._get(conn, job_id)
-                if current is None or current["tenant_id"] != tenant_id:
-                    raise JobNotFound(job_id, "job not found")
-                raise AlreadyTerminal(job_id, f"job is already {current['status']}")
-            if row["status"] == "cancelled":
-                _event(conn, job_id, "queued", "cancelled", row["attempts"], None, reason)
-            else:  # a running job's cancel request: its watchers see the flag at once
-                _notify(conn, job_id, "status")
-        return dict(row)
+        params = {"job_id": job_id, "tenant": tenant_id, "reason": reason}
+        with self._autocommit() as conn:
+            row = conn.execute(_REQUEST_CANCEL, params).mappings().first()
+            if row is not None:
+                return dict(row)
+            current = self._get(conn, job_id)
+        if current is None or current["tenant_id"] != tenant_id:
+            raise JobNotFound(job_id, "job not found")
+        raise AlreadyTerminal(job_id, f"job is already {current['status']}")
 
     # -- reads --------------------------------------------------------------
 

@@ -42,7 +42,8 @@ _TOTALS = text("""
 """)
 _BOUNDS = text("SELECT ffworker_seconds_bounds() AS seconds, ffworker_speed_bounds() AS speed")
 # One branch per status, each matching a partial index of jobs (status = 'queued' / 'running'):
-# the scrape reads the live work, not the whole retention window.
+# the scrape reads the live work, not the whole retention window. "Stuck" is the reaper's own
+# test, ffworker_is_stale() (migration 0006).
 _CURRENT = text("""
     SELECT kind, 'queued' AS status, count(*) AS jobs, 0 AS stuck,
            max(extract(epoch FROM now() - run_after)) FILTER (
@@ -50,7 +51,7 @@ _CURRENT = text("""
       FROM jobs WHERE status = 'queued' GROUP BY kind
     UNION ALL
     SELECT kind, 'running', count(*),
-           count(*) FILTER (WHERE heartbeat_at < now() - make_interval(secs => :stale_after_s)), NULL
+           count(*) FILTER (WHERE ffworker_is_stale(heartbeat_at, :stale_after_s)), NULL
       FROM jobs WHERE status = 'running' GROUP BY kind
 """)
 

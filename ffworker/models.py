@@ -32,6 +32,8 @@ TERMINAL_STATUSES = ("completed", "failed", "cancelled")
 # The NOTIFY channel of every ledger write that a job's watchers care about.
 NOTIFY_CHANNEL = "ffworker_jobs"
 JOB_KINDS = ("probe", "transcode", "thumbnail", "concat", "hls", "command")
+# Who made a transition (job_events.actor): the metrics tell the reaper's apart by it.
+ACTORS = ("api", "worker", "reaper")
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -159,8 +161,12 @@ class JobEvent(Base):
     attempt: Mapped[int] = mapped_column(Integer)
     worker: Mapped[str | None] = mapped_column(Text)
     reason: Mapped[str | None] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(Text)
 
-    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
+    __table_args__ = (
+        Index("ix_job_events_job_id_id", "job_id", "id"),
+        CheckConstraint(_in_list("actor", ACTORS), name="actor_valid"),
+    )
 
 
 class MaintenanceState(Base):

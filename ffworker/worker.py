@@ -11,7 +11,6 @@ import ctypes
 import errno
 import logging
 import os
-import random
 import re
 import shutil
 import socket
@@ -53,11 +52,6 @@ class RunStopped(Exception):
 
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def backoff_s(attempt: int, base_s: float = 5.0, cap_s: float = 300.0) -> float:
-    """Exponential backoff with full jitter: spreads retries of a failed batch."""
-    return random.uniform(0.5, 1.0) * min(cap_s, base_s * 2 ** max(0, attempt - 1))
 
 
 def tenant_root(settings: Settings, tenant_name: str) -> Path:
@@ -273,11 +267,10 @@ class JobRun:
 
     def failed(self, failure: RunFailure) -> str:
         self.discard_outputs()
-        delay = backoff_s(self.token)
         try:
             row = self.with_db_retries(lambda: self.ledger.fail(
                 self.job_id, self.token, code=failure.code, message=failure.message,
-                stderr_tail=failure.stderr_tail, retryable=failure.retryable, backoff_s=delay,
+                stderr_tail=failure.stderr_tail, retryable=failure.retryable,
             ))
         except FencedOut:
             return self.stopped("fenced")

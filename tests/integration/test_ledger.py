@@ -57,19 +57,25 @@ def test_deterministic_failure_fails_at_once(ledger, tenant):
 
 
 def test_transient_failure_requeues_with_backoff_until_attempts_run_out(engine, ledger, tenant):
-    job = new_job(ledger, tenant, max_attempts=2)
+    job = new_job(ledger, tenant, max_attempts=3)
     claim = ledger.claim(job["id"], "w1")
-    row = ledger.fail(job["id"], claim.token, code="io_error", message="EIO", retryable=True, backoff_s=30)
+    row = ledger.fail(job["id"], claim.token, code="io_error", message="EIO", retryable=True)
     assert row["status"] == "queued"
-    assert 29 <= (row["run_after"] - row["updated_at"]).total_seconds() <= 31
+    assert 2.5 <= (row["run_after"] - row["updated_at"]).total_seconds() <= 5.0  # 5 s after attempt 1, jittered
     with pytest.raises(NotClaimable):  # not due yet
         ledger.claim(job["id"], "w2")
     backdate(engine, job["id"], run_after=1)
     second = ledger.claim(job["id"], "w2")
     assert second.token == 2
-    row = ledger.fail(job["id"], second.token, code="io_error", message="EIO", retryable=True, backoff_s=30)
+    row = ledger.fail(job["id"], second.token, code="io_error", message="EIO", retryable=True)
+    assert 5.0 <= (row["run_after"] - row["updated_at"]).total_seconds() <= 10.0  # doubled after attempt 2
+    backdate(engine, job["id"], run_after=1)
+    third = ledger.claim(job["id"], "w3")
+    row = ledger.fail(job["id"], third.token, code="io_error", message="EIO", retryable=True)
     assert row["status"] == "failed"  # no attempts left
-    assert [t[1] for t in transitions(ledger, job["id"])] == ["queued", "running", "queued", "running", "failed"]
+    assert [t[1] for t in transitions(ledger, job["id"])] == [
+        "queued", "running", "queued", "running", "queued", "running", "failed"]
+    assert ledger.events(job["id"])[-1]["reason"] == "io_error: EIO"
 
 
 def test_cancel_queued_is_immediate(ledger, tenant):
@@ -177,7 +183,8 @@ def test_cancel_of_another_tenants_job_is_not_found(ledger, tenant, other_tenant
 def test_stale_token_writes_nothing(engine, ledger, tenant):
     job = new_job(ledger, tenant)
     first = ledger.claim(job["id"], "w1")
-    ledger.fail(job["id"], first.token, code="worker_lost", message="lost", retryable=True, backoff_s=0)
+    ledger.fail(job["id"], first.token, code="worker_lost", message="lost", retryable=True)
+    backdate(engine, job["id"], run_after=1)  # skip the retry backoff
     second = ledger.claim(job["id"], "w2")
     assert second.token == first.token + 1
     before = ledger.get(job["id"])

@@ -76,10 +76,11 @@ def seed_job(conn, tenant_id, created: datetime, *, kind="transcode", runs=(), c
     })
     for moment, source, target, attempt, reason in events:
         conn.execute(text("""
-            INSERT INTO job_events (job_id, at, from_status, to_status, attempt, worker, reason)
-            VALUES (:job, :at, :source, :target, :attempt, :worker, :reason)
+            INSERT INTO job_events (job_id, at, from_status, to_status, attempt, worker, reason, actor)
+            VALUES (:job, :at, :source, :target, :attempt, :worker, :reason, :actor)
         """), {"job": job_id, "at": moment, "source": source, "target": target, "attempt": attempt,
-               "worker": "host-a:101" if attempt else None, "reason": reason})
+               "worker": "host-a:101" if attempt else None, "reason": reason,
+               "actor": "api" if source is None or (source, target) == ("queued", "cancelled") else "worker"})
     return job_id
 
 
