@@ -10,7 +10,7 @@ from sqlalchemy import text
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from ffworker import __version__, logs  # noqa: F401  (logs: worker lines name their job)
-from ffworker.broker import celery_init_app
+from ffworker.celery_wiring import celery_init_app
 from ffworker.config import Settings, get_settings
 from ffworker.extensions import init_app, services
 

@@ -1,4 +1,4 @@
-"""Entry point of ``celery -A ffworker.celery_app worker`` and ``… beat``."""
+"""Entry point of ``celery -A ffworker.celery_app worker`` and ``… beat`` (wiring: ``ffworker.celery_wiring``)."""
 from ffworker.app import create_app
 
 flask_app = create_app()

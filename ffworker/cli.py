@@ -314,7 +314,7 @@ def jobs_cancel(job_id, api_url, api_key):
 @pass_context
 def reap(ctx: Context, dry_run: bool) -> None:
     """Run one round of the stale-job reaper now (safe beside beat: one reaper acts at a time)."""
-    from ffworker import reaper
+    from ffworker.maintenance import reaper
 
     settings = ctx.services.settings
     report = reaper.reap(ctx.services.ledger, stale_after_s=settings.stale_after_s,

@@ -82,7 +82,6 @@ _REAP_OUTCOME = case(
     (jobs.c.attempts < jobs.c.max_attempts, "queued"),
     else_="failed",
 )
-NEVER_PUBLISHED_GRACE_S = 5.0
 
 
 _SUBMITTED_COLUMNS = ("id", "tenant_id", "kind", "spec", "workspace", "priority", "metadata", "max_attempts",
@@ -481,12 +480,14 @@ class Ledger:
             return [dict(r) for r in conn.execute(query).mappings()]
         return [dict(r) for r in conn.execute(_REAP, {"stale_after_s": stale_after_s}).mappings()]
 
-    def due_for_dispatch(self, redispatch_after_s: float, limit: int = 500) -> list:
+    def due_for_dispatch(self, redispatch_after_s: float, *, never_published_after_s: float,
+                         max_wait_s: float, limit: int) -> list:
         """Queued, due jobs whose last publish is old enough to count as lost.
 
-        The wait doubles with each publish (capped at an hour), so a long, legitimate
-        backlog is not flooded with duplicates. A job never published (the publish
-        failed right after commit) is due a few seconds after its last change.
+        The wait doubles with each publish (capped at ``max_wait_s``), so a long,
+        legitimate backlog is not flooded with duplicates. A job never published (the
+        publish failed right after commit) is due ``never_published_after_s`` after its
+        last change.
         """
         # A publish with a countdown only fires at run_after: count from whichever is later.
         waited = func.now() - case(
@@ -494,9 +495,9 @@ class Ledger:
             else_=func.greatest(jobs.c.dispatched_at, jobs.c.run_after),
         )
         threshold = case(
-            (jobs.c.dispatched_at.is_(None), seconds(NEVER_PUBLISHED_GRACE_S)),
+            (jobs.c.dispatched_at.is_(None), seconds(never_published_after_s)),
             else_=seconds(func.least(
-                3600.0, redispatch_after_s * func.power(2, func.least(jobs.c.dispatch_count - 1, 6))
+                max_wait_s, redispatch_after_s * func.power(2, func.least(jobs.c.dispatch_count - 1, 6))
             )),
         )
         query = (
@@ -509,7 +510,7 @@ class Ledger:
         with self.engine.connect() as conn:
             return list(conn.execute(query).scalars())
 
-    def prune(self, retention_days: int, batch: int = 1000) -> int:
+    def prune(self, retention_days: int, *, batch: int) -> int:
         """Delete one batch of terminal jobs older than the retention (events cascade)."""
         doomed = (
             select(jobs.c.id)

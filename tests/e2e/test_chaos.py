@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from ffworker import maintenance, paths, process
-from ffworker.broker import maintenance_queue
+from ffworker import paths, process
+from ffworker.celery_wiring import maintenance_queue
+from ffworker.maintenance import prune
 from tests.conftest import BeatProcess, WorkerProcess
 from tests.e2e.test_worker import leftovers, submit
 from tests.helpers import ffmpeg_processes_touching, wait_until
@@ -190,7 +191,7 @@ def test_thirty_transcodes_survive_a_killed_worker_and_a_purged_queue(
     rerun_at = [e.at for e in events if e.job_id in killed and (e.from_status, e.to_status) == ("queued", "running")
                 and e.attempt > killed[e.job_id]]
     with app.app_context():
-        removed = maintenance.remove_orphaned_temp_files(ledger, settings.media_root, min_age_s=0)
+        removed = prune.remove_orphaned_temp_files(ledger, settings.media_root, min_age_s=0)
     media = os.path.realpath(tenant.media)
     ffmpeg_left = sorted(set(ffmpeg_processes_touching(media) + ffmpeg_processes_touching(str(tenant.media))))
     not_completed = {job_id: rows.get(job_id) for job_id in job_ids if rows.get(job_id, ("absent",))[0] != "completed"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import text
 
-from ffworker import maintenance
+from ffworker.maintenance import reaper, redispatch
 from ffworker.app import create_app
 from tests.e2e.test_worker import events, finished, leftovers, submit
 from tests.helpers import ffmpeg_processes_touching, make_celery_current, wait_until
@@ -28,7 +28,7 @@ def test_a_lost_message_is_published_again_and_the_job_completes(worker, app, cl
     with engine.begin() as conn:
         conn.execute(text("UPDATE jobs SET updated_at = now() - interval '10 s' WHERE id = :id"), {"id": job["id"]})
     with app.app_context():
-        assert maintenance.redispatch() == 1
+        assert redispatch.task() == 1
     done = finished(client, tenant, job["id"])
     assert done["status"] == "completed"
     assert ledger.get(job["id"])["dispatch_count"] == 1
@@ -49,7 +49,7 @@ def test_a_publish_failing_right_after_commit_delays_the_job_but_never_loses_it(
     with engine.begin() as conn:
         conn.execute(text("UPDATE jobs SET updated_at = now() - interval '10 s' WHERE id = :id"), {"id": job_id})
     with app.app_context():
-        assert maintenance.redispatch() == 1
+        assert redispatch.task() == 1
     assert finished(client, tenant, job_id)["status"] == "completed"
 
 
@@ -68,7 +68,7 @@ def test_a_reaped_worker_stops_its_ffmpeg_and_writes_nothing_more(
             conn.execute(text("UPDATE jobs SET heartbeat_at = now() - interval '10 minutes' "
                               "WHERE id = :id AND status = 'running'"), {"id": job_id})
         with app.app_context():
-            return maintenance.reap()["reaped"]
+            return reaper.task()["reaped"]
 
     wait_until(reaped, 10)
     assert ledger.get(job_id)["status"] == "queued"

@@ -9,10 +9,11 @@ import time
 import pytest
 from sqlalchemy import text
 
-from ffworker import paths, reaper
+from ffworker import paths
 from ffworker.db import get_engine
 from ffworker.ledger import Ledger
-from ffworker.maintenance import remove_orphaned_temp_files
+from ffworker.maintenance import prune, reaper, redispatch
+from ffworker.maintenance.prune import remove_orphaned_temp_files
 
 from tests.integration.test_ledger import backdate, new_job, transitions
 
@@ -181,7 +182,7 @@ def test_redispatch_picks_unpublished_and_long_silent_jobs_with_backoff(engine, 
                           "run_after = now() - interval '70 s' WHERE id = :id"), {"id": published_often["id"]})
         conn.execute(text("UPDATE jobs SET dispatched_at = now() - interval '1 hour', "
                           "run_after = now() + interval '1 minute' WHERE id = :id"), {"id": not_due["id"]})
-    due = set(ledger.due_for_dispatch(redispatch_after_s=60))
+    due = set(redispatch.due(ledger, redispatch_after_s=60))
     assert due == {never_published["id"], lost_once["id"]}
     assert just_created["id"] not in due
 
@@ -193,7 +194,7 @@ def test_redispatch_skips_running_and_cancelled_jobs(engine, ledger, tenant, cle
     ledger.request_cancel(cancelled["id"], tenant.id)
     backdate(engine, running["id"], updated_at=3600, run_after=3600)
     backdate(engine, cancelled["id"], updated_at=3600, run_after=3600)
-    assert ledger.due_for_dispatch(redispatch_after_s=60) == []
+    assert redispatch.due(ledger, redispatch_after_s=60) == []
 
 
 # -- retention and orphans ---------------------------------------------------------------
@@ -207,7 +208,7 @@ def test_prune_removes_old_terminal_jobs_with_their_events(engine, ledger, tenan
     old_but_running = running_job(ledger, tenant)
     backdate(engine, old.job["id"], finished_at=31 * 86400)
     backdate(engine, old_but_running.job["id"], created_at=40 * 86400)
-    assert ledger.prune(retention_days=30) == 1
+    assert ledger.prune(retention_days=30, batch=prune.BATCH) == 1
     assert ledger.get(old.job["id"]) is None and ledger.events(old.job["id"]) == []
     assert ledger.get(recent.job["id"]) and ledger.get(old_but_running.job["id"])
 

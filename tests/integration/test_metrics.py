@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from ffworker.maintenance import prune
 from ffworker.metrics import Metrics
 
 pytestmark = pytest.mark.integration
@@ -129,7 +130,7 @@ def test_counters_never_go_back_when_old_jobs_are_pruned(client, engine, ledger,
     before = scrape(client)
     with engine.begin() as conn:
         conn.execute(text("UPDATE jobs SET finished_at = now() - interval '40 days' WHERE finished_at IS NOT NULL"))
-    assert ledger.prune(30) == 3
+    assert ledger.prune(30, batch=prune.BATCH) == 3
     after = scrape(client)
     for (name, labels), number in before.items():
         if name.endswith(("_total", "_bucket", "_count", "_sum")):

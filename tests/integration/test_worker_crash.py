@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from ffworker import process, reaper, worker
+from ffworker import process, worker
 from ffworker.ledger import Ledger
+from ffworker.maintenance import reaper
 from tests.integration.test_ledger import backdate, new_job, transitions
 from tests.integration.test_maintenance import reaper_running  # noqa: F401 (fixture)
 

@@ -10,21 +10,27 @@ giving live workers time to heartbeat. Its state is a row in
 
 Any number of reapers may run at once (several beat processes, ``manage.py
 reap``): a transaction-scoped advisory lock lets one act per round; the others
-skip.
+skip. Beat runs it every ``FFWORKER_MAINTENANCE_INTERVAL_S``; the jobs it sends
+back to the queue are published again at once, with their backoff as countdown.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
 
-from sqlalchemy import func, select, text
+from celery import shared_task
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 
-from ffworker.ledger import Ledger
+from ffworker.dispatch import dispatch
+from ffworker.extensions import services
+from ffworker.ledger import Ledger, seconds
 from ffworker.models import MaintenanceState
 
 log = logging.getLogger("ffworker.reaper")
 
+TASK = "ffworker.maintenance.reap"
+SCHEDULE_ENTRY = "reap-stale-jobs"
 STATE_NAME = "reaper"
 ADVISORY_LOCK_KEY = 0x66667772  # "ffwr"
 state = MaintenanceState.__table__
@@ -41,6 +47,20 @@ class ReapReport:
         return [d for d in self.decisions if d.get("status", d.get("to_status")) == "queued"]
 
 
+def interval_s(settings) -> float:
+    return settings.maintenance_interval_s
+
+
+@shared_task(name=TASK, ignore_result=True)
+def task() -> dict:
+    current = services()
+    report = reap(current.ledger, stale_after_s=current.settings.stale_after_s,
+                  grace_s=current.settings.reaper_grace_s)
+    for decision in report.requeued:
+        dispatch(decision["id"], countdown=(decision["run_after"] - decision["updated_at"]).total_seconds())
+    return {"status": report.status, "reaped": len(report.decisions)}
+
+
 def reap(ledger: Ledger, *, stale_after_s: float, grace_s: float, dry_run: bool = False) -> ReapReport:
     with ledger.engine.begin() as conn:
         if not conn.execute(select(func.pg_try_advisory_xact_lock(ADVISORY_LOCK_KEY))).scalar():
@@ -50,7 +70,7 @@ def reap(ledger: Ledger, *, stale_after_s: float, grace_s: float, dry_run: bool 
             select(
                 state.c.last_run_at, state.c.armed_at,
                 (state.c.last_run_at.is_(None)
-                 | (state.c.last_run_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, grace_s))).label("outage"),
+                 | (state.c.last_run_at < func.now() - seconds(grace_s))).label("outage"),
                 (state.c.armed_at > func.now()).label("still_armed"),
             ).where(state.c.name == STATE_NAME).with_for_update()
         ).one()
@@ -62,7 +82,7 @@ def reap(ledger: Ledger, *, stale_after_s: float, grace_s: float, dry_run: bool 
         if row.outage:
             armed_at = conn.execute(
                 state.update().where(state.c.name == STATE_NAME)
-                .values(last_run_at=func.now(), armed_at=func.now() + func.make_interval(0, 0, 0, 0, 0, 0, grace_s))
+                .values(last_run_at=func.now(), armed_at=func.now() + seconds(grace_s))
                 .returning(state.c.armed_at)
             ).scalar_one()
             log.warning("event=reaper_armed reason=%r armed_until=%s", f"previous run older than {grace_s:g} s",

@@ -1,7 +1,9 @@
-"""The worker's start-up warning about broker settings that re-deliver or kill long tasks."""
+"""Celery wiring: the beat schedule and routes assembled from the maintenance duties, and the
+worker's start-up warning about broker settings that re-deliver or kill long tasks."""
 from types import SimpleNamespace
 
-from ffworker.broker import beat_schedule, redelivery_risks
+from ffworker import maintenance
+from ffworker.celery_wiring import beat_schedule, redelivery_risks, task_routes
 from ffworker.config import Settings
 
 
@@ -40,3 +42,22 @@ def test_beat_runs_reaper_and_redispatch_at_the_maintenance_interval():
     assert schedule["reap-stale-jobs"]["schedule"] == 7
     assert schedule["redispatch-lost-messages"]["schedule"] == 7
     assert schedule["prune-old-jobs"]["task"] == "ffworker.maintenance.prune"
+
+
+def test_every_duty_brings_its_task_its_schedule_entry_and_its_route():
+    settings = Settings(maintenance_interval_s=7, task_queue="q")
+    schedule = beat_schedule(settings)
+    routes = task_routes(settings)
+    assert [entry["task"] for entry in schedule.values()] == [
+        "ffworker.maintenance.reap", "ffworker.maintenance.redispatch", "ffworker.maintenance.prune"]
+    assert schedule["prune-old-jobs"]["schedule"] == schedule["prune-old-jobs"]["options"]["expires"] == 3600
+    assert routes == {entry["task"]: {"queue": "q.maintenance"} for entry in schedule.values()}
+    assert maintenance.modules() == [
+        "ffworker.maintenance.reaper", "ffworker.maintenance.redispatch", "ffworker.maintenance.prune"]
+
+
+def test_the_celery_app_includes_the_duties_and_knows_their_tasks(app):
+    celery = app.extensions["celery"]
+    assert {"ffworker.tasks", *maintenance.modules()} <= set(celery.conf.include)
+    celery.loader.import_default_modules()
+    assert {duty.TASK for duty in maintenance.DUTIES} <= set(celery.tasks)

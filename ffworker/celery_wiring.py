@@ -1,4 +1,9 @@
-"""Celery, wired the Flask way: ``celery_init_app(app)``, and tasks run in an app context."""
+"""Celery, wired the Flask way: ``celery_init_app(app)``, and tasks run in an app context.
+
+Only the wiring lives here: queue names and task routes, the beat schedule assembled
+from the maintenance duties (``ffworker.maintenance``), and the start-up warning
+about broker settings that would re-deliver or kill long tasks.
+"""
 from __future__ import annotations
 
 import logging
@@ -7,7 +12,7 @@ from celery import Celery, Task
 from celery.signals import worker_process_init, worker_ready
 from flask import Flask
 
-from ffworker import db
+from ffworker import db, maintenance
 
 
 def celery_init_app(app: Flask) -> Celery:
@@ -18,34 +23,37 @@ def celery_init_app(app: Flask) -> Celery:
             with app.app_context():
                 return self.run(*args, **kwargs)
 
-    celery = Celery(app.name, task_cls=FlaskTask, include=["ffworker.tasks", "ffworker.maintenance"])
+    celery = Celery(app.name, task_cls=FlaskTask, include=["ffworker.tasks", *maintenance.modules()])
     celery.config_from_object("celeryconfig")
     celery.conf.update(
         broker_url=settings.broker_url,
         task_default_queue=settings.task_queue,
         beat_schedule=beat_schedule(settings),
-        task_routes={"ffworker.maintenance.*": {"queue": maintenance_queue(settings)}},
+        task_routes=task_routes(settings),
     )
     celery.set_default()
+    celery.flask_app = app  # the start-up guardrail reads this app's settings
     app.extensions["celery"] = celery
     return celery
 
 
 def beat_schedule(settings) -> dict:
-    interval = settings.maintenance_interval_s
-    # Expire each run at the next one: a backlog must not replay stale rounds.
-    every = lambda seconds: {"expires": seconds}  # noqa: E731
-    return {
-        "reap-stale-jobs": {"task": "ffworker.maintenance.reap", "schedule": interval, "options": every(interval)},
-        "redispatch-lost-messages": {
-            "task": "ffworker.maintenance.redispatch", "schedule": interval, "options": every(interval),
-        },
-        "prune-old-jobs": {"task": "ffworker.maintenance.prune", "schedule": 3600.0, "options": every(3600)},
-    }
+    """One entry per maintenance duty, at the interval the duty chooses."""
+    entries = {}
+    for duty in maintenance.DUTIES:
+        interval = duty.interval_s(settings)
+        # Expire each run at the next one: a backlog must not replay stale rounds.
+        entries[duty.SCHEDULE_ENTRY] = {"task": duty.TASK, "schedule": interval, "options": {"expires": interval}}
+    return entries
 
 
 def maintenance_queue(settings) -> str:
     return f"{settings.task_queue}.maintenance"
+
+
+def task_routes(settings) -> dict:
+    """Maintenance on its own queue, so it never waits behind the job queue's backlog."""
+    return {duty.TASK: {"queue": maintenance_queue(settings)} for duty in maintenance.DUTIES}
 
 
 log = logging.getLogger("ffworker.broker")
@@ -74,11 +82,11 @@ def redelivery_risks(conf, job_timeout_s: float) -> list[str]:
 @worker_ready.connect
 def _warn_about_broker_settings(sender=None, **_):
     app = sender.app if sender is not None else None
-    if app is None:
+    flask_app = getattr(app, "flask_app", None)
+    if flask_app is None:
         return
-    from ffworker.config import get_settings
-
-    for risk in redelivery_risks(app.conf, get_settings().job_timeout_s):
+    settings = flask_app.extensions["ffworker"].settings
+    for risk in redelivery_risks(app.conf, settings.job_timeout_s):
         log.warning("event=broker_guardrail %s (see README: why messages are acknowledged early)", risk)
 
 
