@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from sqlalchemy import (
-    Boolean, Connection, Double, Engine, and_, bindparam, case, delete, func, insert, literal, null, select, text,
+    Boolean, ColumnElement, Connection, Double, Engine, and_, bindparam, case, delete, func, insert, literal, null, select, text,
     tuple_, update,
 )
-from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
@@ -48,13 +47,13 @@ _TENANT_NAME = (
 _RETURNING = (*jobs.c, _TENANT_NAME)
 
 
-
 def seconds(amount) -> ColumnElement:
     """An interval of ``amount`` seconds; ``amount`` is a number or a SQL expression."""
     return func.make_interval(0, 0, 0, 0, 0, 0, amount)
 
 
 def days(amount) -> ColumnElement:
+    """An interval of ``amount`` days (calendar days, as the retention counts them)."""
     return func.make_interval(0, 0, 0, amount)
 
 
