@@ -76,9 +76,9 @@ def _warn_about_broker_settings(sender=None, **_):
     app = sender.app if sender is not None else None
     if app is None:
         return
-    from ffworker.config import get_settings
+    from ffworker.config import Settings
 
-    for risk in redelivery_risks(app.conf, get_settings().job_timeout_s):
+    for risk in redelivery_risks(app.conf, Settings.from_env().job_timeout_s):
         log.warning("event=broker_guardrail %s (see README: why messages are acknowledged early)", risk)
 
 
