@@ -81,11 +81,6 @@ class Settings:
                 values[f.name] = _convert(f.type, raw.strip(), cls.env_name(f.name))
         return cls(**values)
 
-    def to_env(self) -> dict[str, str]:
-        """The variables that reproduce these settings in a child process."""
-        return {self.env_name(f.name): _spell(getattr(self, f.name))
-                for f in fields(self) if getattr(self, f.name) is not None}
-
     def with_overrides(self, **changes) -> "Settings":
         return replace(self, **changes)
 

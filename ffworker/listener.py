@@ -170,10 +170,6 @@ class NotificationHub:
         self.draining = True
         self._wake_all()
 
-    def wait_connected(self, timeout_s: float) -> bool:
-        self._ensure_listening()
-        return self.connected.wait(timeout_s)
-
     def close(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
         thread = self._thread

@@ -41,7 +41,8 @@ def live(app, settings):
     ledger = app.extensions["ffworker"].ledger
     state = Events(NotificationHub(listen_dsn(settings.database_url), ledger.job_with_events), settings, LIMITS)
     app.extensions["ffworker_events"] = state
-    assert state.hub.wait_connected(10)
+    state.hub.subscribe(uuid.uuid4()).close()  # the hub listens from its first subscriber on
+    wait_until(state.hub.connected.is_set, 10)
     server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=Http11Handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
