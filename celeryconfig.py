@@ -1,4 +1,8 @@
-"""Celery settings for ffworker's workers and beat (broker URL comes from FFWORKER_BROKER_URL).
+"""Celery settings for ffworker's workers and beat.
+
+The broker and the default queue are ffworker's own settings
+(``FFWORKER_BROKER_URL``, ``FFWORKER_TASK_QUEUE``, read and checked by
+``ffworker.config``); everything else here is fixed on purpose.
 
 Long ffmpeg tasks shape these choices:
 
@@ -15,6 +19,12 @@ Long ffmpeg tasks shape these choices:
   does nothing.
 """
 
+from ffworker.config import settings_or_exit
+
+_settings = settings_or_exit()
+
+broker_url = _settings.broker_url
+task_default_queue = _settings.task_queue
 task_acks_late = False
 task_reject_on_worker_lost = False
 worker_prefetch_multiplier = 1

@@ -11,7 +11,7 @@ from flask import Response, current_app, g, request, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint, abort
 
-from ffworker import events as live, kinds, paths, tenants
+from ffworker import kinds, paths, sse as live, tenants
 from ffworker.dispatch import dispatch
 from ffworker.errors import AlreadyTerminal, JobNotFound
 from ffworker.extensions import services

@@ -11,7 +11,7 @@ from werkzeug.exceptions import HTTPException, InternalServerError
 
 from ffworker import __version__, logs  # noqa: F401  (logs: worker lines name their job)
 from ffworker.celery_wiring import celery_init_app
-from ffworker.config import Settings, get_settings
+from ffworker.config import Settings
 from ffworker.extensions import init_app, services
 
 log = logging.getLogger("ffworker.app")
@@ -19,7 +19,8 @@ MAX_BODY_BYTES = 1024 * 1024
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
-    """Build the app. ``config`` may hold Flask settings and ``FFWORKER_SETTINGS`` (a Settings)."""
+    """Build the app. ``config`` may hold Flask settings and ``FFWORKER_SETTINGS`` (a Settings;
+    default: the environment's, which raises ConfigError when a variable is invalid)."""
     app = Flask("ffworker")
     app.config.update(
         API_TITLE="ffworker",
@@ -32,7 +33,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     )
     if config:
         app.config.update(config)
-    settings: Settings = app.config.get("FFWORKER_SETTINGS") or get_settings()
+    settings: Settings = app.config.get("FFWORKER_SETTINGS") or Settings.from_env()
     init_app(app, settings)
     celery_init_app(app)
 
@@ -64,11 +65,12 @@ def _register_probes(app: Flask) -> None:
 
 def _register_events(app: Flask, settings: Settings) -> None:
     """One notification hub per app (so per web process); it listens from the first stream on."""
-    from ffworker.events import Events, NotificationHub, listen_dsn
+    from ffworker.listener import NotificationHub, listen_dsn
+    from ffworker.sse import Events
 
     ledger = app.extensions["ffworker"].ledger
     hub = NotificationHub(listen_dsn(settings.database_url), ledger.job_with_events)
-    app.extensions["ffworker_events"] = Events(hub)
+    app.extensions["ffworker_events"] = Events(hub, settings)
 
 
 def _register_metrics(app: Flask, settings: Settings) -> None:

@@ -87,7 +87,7 @@ def _warn_about_broker_settings(sender=None, **_):
         return
     settings = flask_app.extensions["ffworker"].settings
     for risk in redelivery_risks(app.conf, settings.job_timeout_s):
-        log.warning("event=broker_guardrail %s (see README: why messages are acknowledged early)", risk)
+        log.warning("event=broker_guardrail %s (see docs/operations.md: why messages are acknowledged early)", risk)
 
 
 @worker_process_init.connect

@@ -2,14 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
 import sys
-import time
-import uuid
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 
 import click
@@ -18,6 +12,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 
 from ffworker.client import ApiError, Client
+from ffworker.config import settings_or_exit
 
 ROOT = Path(__file__).resolve().parent.parent
 console = Console()
@@ -25,13 +20,21 @@ err_console = Console(stderr=True)
 
 
 class Context:
-    """Lazily built app and services: `submit` and `jobs` need neither."""
+    """Lazily built settings, app and services: `submit` and `jobs` need none of them.
+
+    The commands that do need them check the settings first: an invalid one ends
+    the command with one line naming the variable, before anything is done.
+    """
+
+    @cached_property
+    def settings(self):
+        return settings_or_exit()
 
     @cached_property
     def app(self):
         from ffworker.app import create_app
 
-        return create_app()
+        return create_app({"FFWORKER_SETTINGS": self.settings})
 
     @property
     def services(self):
@@ -66,11 +69,12 @@ def alembic_config(database_url: str | None = None):
 
 @db.command("upgrade")
 @click.argument("revision", default="head")
-def db_upgrade(revision: str) -> None:
+@pass_context
+def db_upgrade(ctx: Context, revision: str) -> None:
     """Apply migrations up to REVISION (default: head)."""
     from alembic import command
 
-    command.upgrade(alembic_config(), revision)
+    command.upgrade(alembic_config(ctx.settings.database_url), revision)
     click.echo(f"database at {revision}")
 
 
@@ -199,7 +203,7 @@ def submit(kind, input_, inputs, output, preset, fields, workspace, idempotency_
         except ValueError:
             request[name] = raw
     client = _client(api_url, api_key)
-    job = _api(lambda: client.submit(request, idempotency_key))
+    job = api_call(lambda: client.submit(request, idempotency_key))
     err_console.print(f"submitted job [bold]{job['id']}[/] ({job['status']})")
     if wait:
         job = follow(client, job["id"])
@@ -210,7 +214,8 @@ def submit(kind, input_, inputs, output, preset, fields, workspace, idempotency_
         click.echo(job["id"])
 
 
-def _api(call):
+def api_call(call):
+    """A client call, its failures as one-line command errors."""
     try:
         return call()
     except ApiError as exc:
@@ -232,7 +237,7 @@ def follow(client: Client, job_id: str) -> dict:
         def update(job: dict) -> None:
             bar.update(task, **progress_fields(job))
 
-        return _api(lambda: client.wait(job_id, update))
+        return api_call(lambda: client.wait(job_id, update))
 
 
 def progress_fields(job: dict) -> dict:
@@ -272,7 +277,7 @@ def jobs() -> None:
 @with_api
 def jobs_list(status, kind, workspace, limit, api_url, api_key):
     """The newest jobs."""
-    page = _api(lambda: _client(api_url, api_key).list(status=status, kind=kind, workspace=workspace, limit=limit))
+    page = api_call(lambda: _client(api_url, api_key).list(status=status, kind=kind, workspace=workspace, limit=limit))
     table = Table("id", "kind", "status", "progress", "workspace", "created")
     for job in page["jobs"]:
         percent = (job.get("progress") or {}).get("percent")
@@ -286,7 +291,7 @@ def jobs_list(status, kind, workspace, limit, api_url, api_key):
 @with_api
 def jobs_show(job_id, api_url, api_key):
     """One job as JSON."""
-    console.print_json(data=_api(lambda: _client(api_url, api_key).get(job_id)))
+    console.print_json(data=api_call(lambda: _client(api_url, api_key).get(job_id)))
 
 
 @jobs.command("watch")
@@ -302,7 +307,7 @@ def jobs_watch(job_id, api_url, api_key):
 @with_api
 def jobs_cancel(job_id, api_url, api_key):
     """Cancel a queued or running job."""
-    job = _api(lambda: _client(api_url, api_key).cancel(job_id))
+    job = api_call(lambda: _client(api_url, api_key).cancel(job_id))
     click.echo(f"{job['id']}: {job['status']}" + (" (cancel requested)" if job["status"] == "running" else ""))
 
 
@@ -379,115 +384,14 @@ def report(ctx: Context, since: str, tenant: str | None, output_format: str, vie
 
 
 @cli.command()
-@click.option("--port", default=lambda: int(os.environ.get("PORT", 8000)), show_default="$PORT or 8000")
+@click.option("--port", default=lambda: settings_or_exit().port, show_default="$PORT or 8000")
 @click.option("--seconds", default=10, show_default=True, help="Length of the generated clip.")
 @pass_context
 def demo(ctx: Context, port: int, seconds: int) -> None:
     """Transcode a generated 720p clip to 360p through the whole stack and show the ledger row."""
-    from ffworker.tenants import TenantError, create_tenant, issue_key
+    from ffworker import demo as the_demo
 
-    settings = ctx.services.settings
-    engine = ctx.services.engine
-    try:
-        _, key = create_tenant(engine, "demo", settings.media_root)
-    except TenantError:
-        key = issue_key(engine, "demo")
-    media = Path(settings.media_root) / "demo"
-    media.mkdir(parents=True, exist_ok=True)
-    clip = media / "demo-720p.mp4"
-    if not clip.exists():
-        err_console.print(f"generating a {seconds} s 720p test clip")
-        _generate_clip(clip, seconds)
-
-    client = Client(f"http://127.0.0.1:{port}", key)
-    started = []
-    try:
-        # Each half of the stack is started only when it is not already running.
-        if not client.healthy():
-            started.append(_start("web", [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "ffworker/gunicorn_conf.py"),
-                                          "--bind", f"127.0.0.1:{port}", "ffworker.app:create_app()"]))
-        queue_consumed = partial(_queue_consumed, ctx.app.extensions["celery"], settings.task_queue)
-        if not queue_consumed():
-            started.append(_start("worker", [sys.executable, "-m", "celery", "-A", "ffworker.celery_app", "worker",
-                                             "-O", "fair", "--prefetch-multiplier", "1", "--concurrency", "2",
-                                             "--loglevel", "WARNING"]))
-        _wait_for(client.healthy, "the web process", 30)
-        _wait_for(queue_consumed, f"a worker consuming {settings.task_queue!r}", 30)
-        output = f"out/demo-360p-{uuid.uuid4().hex[:8]}.mp4"
-        job = _api(lambda: client.submit({"kind": "transcode", "input": clip.name, "output": output,
-                                          "preset": "h264-360p"}))
-        err_console.print(f"submitted transcode [bold]{job['id']}[/] {clip.name} → {output}")
-        job = follow(client, job["id"])
-    finally:
-        for proc in started:
-            proc.send_signal(signal.SIGTERM)
-        for proc in started:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    _print_ledger_row(engine, job["id"])
-    if job["status"] != "completed":
-        raise click.ClickException(f"the demo job ended {job['status']}: {job.get('error')}")
-
-
-def _queue_consumed(celery, queue: str) -> bool:
-    """Does a live worker consume ``queue``? (Celery's remote control; one second at most.)"""
-    try:
-        replies = celery.control.inspect(timeout=1.0).active_queues() or {}
-    except Exception:  # the broker is away: no worker can be consuming
-        return False
-    return any(q.get("name") == queue for queues in replies.values() for q in queues or [])
-
-
-def _generate_clip(path: Path, seconds: int) -> None:
-    from ffworker.process import FFMPEG
-
-    if shutil.which(FFMPEG) is None:
-        raise click.ClickException("ffmpeg is not installed (run `make demo`, which installs it)")
-    subprocess.run(
-        [FFMPEG, "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc2=size=1280x720:rate=30:duration={seconds}",
-         "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}", "-c:v", "libx264", "-preset", "veryfast",
-         "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path)],
-        check=True,
-    )
-
-
-def _start(name: str, argv: list[str]) -> subprocess.Popen:
-    """Start a stack process with its output in var/log/, away from the progress bar."""
-    log_dir = ROOT / "var" / "log"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"demo-{name}.log"
-    err_console.print(f"starting {name} ({' '.join(argv[2:4])}); its log: {log_path.relative_to(ROOT)}")
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _wait_for(check, what: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise click.ClickException(f"{what} did not come up within {timeout_s:.0f} s")
-        time.sleep(0.2)
-
-
-def _print_ledger_row(engine, job_id: str) -> None:
-    from sqlalchemy import text
-
-    with engine.connect() as conn:
-        row = conn.execute(text("SELECT * FROM jobs WHERE id = :id"), {"id": job_id}).mappings().one()
-        events = conn.execute(
-            text("SELECT at, from_status, to_status, attempt, reason FROM job_events WHERE job_id = :id ORDER BY id"),
-            {"id": job_id},
-        ).all()
-    table = Table("column", "value", title="the finished ledger row (jobs)")
-    for column, value in row.items():
-        table.add_row(column, json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value))
-    console.print(table)
-    trail = Table("at", "from", "to", "attempt", "reason", title="job_events")
-    for event in events:
-        trail.add_row(*(str(v) for v in event))
-    console.print(trail)
+    the_demo.run(ctx.app, port, seconds)
 
 
 def main() -> None:

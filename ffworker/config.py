@@ -1,17 +1,39 @@
-"""Settings, read once from the environment.
+"""Settings: every environment variable ffworker reads, parsed and checked once.
 
 Every variable has a default that works on a stock Debian machine with a local
-PostgreSQL (unix socket, role named after the OS user) and a local Redis.
+PostgreSQL (unix socket, role named after the OS user) and a local Redis. A
+``Settings`` object is always valid: construction checks ranges, known values
+and the relations between thresholds, so a bad deployment stops at start-up
+(``settings_or_exit``) instead of misbehaving hours later (a reaper grace
+shorter than the maintenance interval re-arms every round and never reaps).
+
+Settings are passed explicitly: the Flask app holds one (``services().settings``)
+and each process entry point builds one with ``Settings.from_env()``.
 """
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Mapping
+from urllib.parse import urlsplit
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+BROKER_SCHEMES = ("redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp")
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
 
 
-def _flag(value: str) -> bool:
-    return value.strip().lower() in {"1", "true", "yes", "on"}
+class ConfigError(ValueError):
+    """A setting is malformed, out of range, or inconsistent with another one."""
+
+
+def _env(name: str) -> dict:
+    """A variable without the FFWORKER_ prefix (names set by the platform, e.g. PORT)."""
+    return {"env": name}
 
 
 @dataclass(frozen=True)
@@ -29,48 +51,145 @@ class Settings:
     allow_raw_commands: bool = False
     redispatch_after_s: float = 60.0
     task_queue: str = "ffworker"
+    ffmpeg: str = "ffmpeg"
+    ffprobe: str = "ffprobe"
+    # None: the web process's threads minus the reserve kept for ordinary requests.
+    sse_max_streams: int | None = None
+    sse_keepalive_s: float = 15.0
+    sse_max_duration_s: float = 900.0
+    web_threads: int = 32
+    # None: min(4, CPUs + 1), see web_processes().
+    web_concurrency: int | None = field(default=None, metadata=_env("WEB_CONCURRENCY"))
+    port: int = field(default=8000, metadata=_env("PORT"))
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
+    def env_name(cls, name: str) -> str:
+        """The environment variable behind field ``name``."""
+        return _field(cls, name).metadata.get("env") or f"FFWORKER_{name.upper()}"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """The settings of ``environ`` (default: this process's); raises ConfigError."""
         environ = os.environ if environ is None else environ
         values = {}
-        for field in fields(cls):
-            raw = environ.get(f"FFWORKER_{field.name.upper()}")
-            if raw is None or raw == "":
-                continue
-            values[field.name] = _convert(field.type, raw, field.name)
+        for f in fields(cls):
+            raw = environ.get(cls.env_name(f.name))
+            if raw is not None and raw.strip() != "":
+                values[f.name] = _convert(f.type, raw.strip(), cls.env_name(f.name))
         return cls(**values)
 
     def with_overrides(self, **changes) -> "Settings":
         return replace(self, **changes)
 
+    def web_processes(self) -> int:
+        return self.web_concurrency or min(4, (os.cpu_count() or 1) + 1)
 
-def _convert(type_name: str, raw: str, name: str):
+    def validate(self) -> None:
+        """Raise ConfigError naming the first variable that is out of range or inconsistent."""
+        for name in POSITIVE:
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                self._fail(name, "must be a positive number")
+        if self.sse_max_streams is not None and self.sse_max_streams < 0:
+            self._fail("sse_max_streams", "must be 0 or more (0 turns event streams and long-polls off)")
+        if not 1 <= self.port <= 65535:
+            self._fail("port", "must be a TCP port (1-65535)")
+        for name in ("task_queue", "ffmpeg", "ffprobe"):
+            if not str(getattr(self, name)).strip():
+                self._fail(name, "must not be empty")
+        if not str(self.media_root).strip():
+            self._fail("media_root", "must not be empty")
+        self._check_urls()
+        self._check_relations()
+
+    def _check_urls(self) -> None:
+        try:
+            backend = make_url(self.database_url).get_backend_name()
+        except ArgumentError:
+            self._fail("database_url", "is not a database URL (postgresql+psycopg://user@host/dbname)")
+        if backend != "postgresql":
+            self._fail("database_url", "must be a PostgreSQL URL (postgresql+psycopg://…)")
+        if urlsplit(self.broker_url).scheme not in BROKER_SCHEMES:
+            self._fail("broker_url", f"must use one of the schemes {', '.join(BROKER_SCHEMES)}")
+
+    def _check_relations(self) -> None:
+        # A grace not longer than the interval re-arms on every round: the reaper would never reap.
+        if not self.reaper_grace_s > self.maintenance_interval_s:
+            self._fail("reaper_grace_s", f"must be greater than {self._show('maintenance_interval_s')}")
+        # Three heartbeats per stale window: one late heartbeat must not get a live job reaped.
+        if not self.stale_after_s >= 3 * self.progress_interval_s:
+            self._fail("stale_after_s", f"must be at least 3 × {self._show('progress_interval_s')}")
+
+    def _show(self, name: str) -> str:
+        value = _spell(getattr(self, name))
+        if name.endswith("_url"):
+            value = _without_password(value)
+        return f"{self.env_name(name)}={value}"
+
+    def _fail(self, name: str, rule: str):
+        raise ConfigError(f"{self._show(name)} {rule}")
+
+
+#: Settings that must be positive (counts, durations, sizes); None means "derived".
+POSITIVE = (
+    "stale_after_s", "reaper_grace_s", "progress_interval_s", "job_timeout_s", "max_attempts",
+    "retention_days", "maintenance_interval_s", "redispatch_after_s", "sse_keepalive_s",
+    "sse_max_duration_s", "web_threads", "web_concurrency",
+)
+
+
+def settings_or_exit(environ: Mapping[str, str] | None = None) -> Settings:
+    """For process entry points: the settings, or one line on stderr and a non-zero exit."""
     try:
-        if type_name == "bool":
-            return _flag(raw)
-        if type_name == "int":
+        return Settings.from_env(environ)
+    except ConfigError as exc:
+        raise SystemExit(f"ffworker: configuration error: {exc}") from None
+
+
+def _field(cls, name: str):
+    return next(f for f in fields(cls) if f.name == name)
+
+
+def _convert(type_name: str, raw: str, variable: str):
+    kind = type_name.replace(" | None", "")
+    if kind == "bool":
+        return _flag(raw, variable)
+    try:
+        if kind == "int":
             return int(raw)
-        if type_name == "float":
+        if kind == "float":
             return float(raw)
-        if type_name == "Path":
-            return Path(raw)
-        return raw
-    except ValueError as exc:
-        raise ValueError(f"FFWORKER_{name.upper()}={raw!r} is not a valid {type_name}") from exc
+    except ValueError:
+        what = "a whole number" if kind == "int" else "a number"
+        raise ConfigError(f"{variable}={raw} is not {what}") from None
+    if kind == "Path":
+        return Path(raw)
+    return raw
 
 
-_current: Settings | None = None
+def _flag(raw: str, variable: str) -> bool:
+    word = raw.lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ConfigError(f"{variable}={raw} must be one of {', '.join(TRUE_WORDS + FALSE_WORDS)}")
 
 
-def get_settings() -> Settings:
-    """The process-wide settings (read from the environment on first use)."""
-    global _current
-    if _current is None:
-        _current = Settings.from_env()
-    return _current
+def _spell(value) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
-def set_settings(settings: Settings) -> None:
-    global _current
-    _current = settings
+def _without_password(url: str) -> str:
+    """Error lines end up in logs: never with a password in them."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from flask import Flask, current_app
 
+from ffworker import process
 from ffworker.config import Settings
 from ffworker.db import get_engine
 from ffworker.ledger import Ledger
@@ -21,6 +22,7 @@ class Services:
 
 
 def init_app(app: Flask, settings: Settings) -> Services:
+    process.configure(settings)  # the binaries are per process, like the app built here
     services = Services(settings=settings, ledger=Ledger(get_engine(settings.database_url)))
     app.extensions["ffworker"] = services
     return services

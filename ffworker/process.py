@@ -1,9 +1,12 @@
-"""The only code that starts subprocesses (ffmpeg and ffprobe).
+"""The only code of ffworker that starts subprocesses: ffmpeg and ffprobe for jobs,
+and the demo's test clip and stack processes (``generate_clip``, ``start_service``).
 
 Each child gets a process group of its own, so that cancel and timeout can
 kill ffmpeg together with anything it spawned, and dies with its parent
 (``PR_SET_PDEATHSIG``): a worker killed with SIGKILL never leaves an orphan
-ffmpeg encoding on. Arguments are always an argv list, never a shell string.
+ffmpeg encoding on, nor a killed demo a web or worker process. Arguments are
+always an argv list, never a shell string. (The test suite and the benchmark
+scripts start processes of their own; they are not part of the service.)
 """
 from __future__ import annotations
 
@@ -16,12 +19,14 @@ import subprocess
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from ffworker.progress import Progress, ProgressParser
 
-FFMPEG = os.environ.get("FFWORKER_FFMPEG", "ffmpeg")
-FFPROBE = os.environ.get("FFWORKER_FFPROBE", "ffprobe")
+#: The binaries this process runs: FFWORKER_FFMPEG / FFWORKER_FFPROBE, set by ``configure``.
+FFMPEG = "ffmpeg"
+FFPROBE = "ffprobe"
 STDERR_TAIL_BYTES = 8192
 PROBE_PARALLELISM = min(8, os.cpu_count() or 2)
 _PR_SET_PDEATHSIG = 1
@@ -34,6 +39,12 @@ class ProbeFailed(Exception):
         super().__init__(message)
         self.stderr_tail = stderr_tail
         self.index = index  # which of the paths given to ffprobe_many
+
+
+def configure(settings) -> None:
+    """Run the settings' ffmpeg and ffprobe in this process (``init_app`` calls it)."""
+    global FFMPEG, FFPROBE
+    FFMPEG, FFPROBE = settings.ffmpeg, settings.ffprobe
 
 
 def _child_setup(parent_pid: int) -> Callable[[], None]:
@@ -134,10 +145,6 @@ class FfmpegOutcome:
     stopped: str | None = None   # why we killed it: the tick's reason, or "timeout"
     last_progress: Progress | None = None
 
-    @property
-    def succeeded(self) -> bool:
-        return self.stopped is None and self.returncode == 0
-
 
 Tick = Callable[[Progress | None], str | None]
 
@@ -218,3 +225,30 @@ def run_ffmpeg(
 
 def _tail(chunks: deque[bytes]) -> str:
     return b"".join(chunks)[-STDERR_TAIL_BYTES:].decode("utf-8", "replace")
+
+
+# -- the demo's processes ----------------------------------------------------------
+
+
+def generate_clip(path: Path, seconds: int) -> None:
+    """A 720p test pattern with a tone, ``seconds`` long (raises CalledProcessError)."""
+    proc = spawn([FFMPEG, "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc2=size=1280x720:rate=30:duration={seconds}",
+                  "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}", "-c:v", "libx264",
+                  "-preset", "veryfast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path)])
+    if proc.wait() != 0:
+        raise subprocess.CalledProcessError(proc.returncode, proc.args)
+
+
+def start_service(argv: list[str], log_path: Path, cwd: Path) -> subprocess.Popen:
+    """A long-running process (web, worker) with its output appended to ``log_path``."""
+    with open(log_path, "ab") as log:
+        return spawn(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop_service(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
+    """SIGTERM (a graceful stop), then SIGKILL of its whole group after ``timeout_s``."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)

@@ -7,7 +7,7 @@ from typing import Mapping
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from ffworker import concat, hls, kinds, rawcommand
-from ffworker.config import get_settings
+from ffworker.config import Settings
 from ffworker.models import JOB_KINDS, JOB_STATUSES
 
 METADATA_MAX_BYTES = 16 * 1024
@@ -121,7 +121,7 @@ def _current_settings():
         from ffworker.extensions import services
 
         return services().settings
-    return get_settings()
+    return Settings.from_env()
 
 
 class ConcatRequestSchema(JobCommonSchema):

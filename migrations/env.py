@@ -2,7 +2,7 @@
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from ffworker.config import get_settings
+from ffworker.config import Settings
 from ffworker.models import Base
 
 config = context.config
@@ -10,7 +10,7 @@ target_metadata = Base.metadata
 
 
 def database_url() -> str:
-    return config.attributes.get("database_url") or get_settings().database_url
+    return config.attributes.get("database_url") or Settings.from_env().database_url
 
 
 def run_migrations_offline() -> None:

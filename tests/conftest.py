@@ -22,7 +22,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from ffworker import db as ffdb
-from ffworker.config import Settings, set_settings
+from ffworker.config import Settings
+from tests.helpers import environment_of
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ID = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
@@ -65,9 +66,7 @@ def settings(tmp_path_factory) -> Settings:
     from ffworker.cli import alembic_config
 
     command.upgrade(alembic_config(url), "head")
-    set_settings(values)
-    for field, value in vars(values).items():
-        os.environ[f"FFWORKER_{field.upper()}"] = str(value)
+    os.environ.update(environment_of(values))
     yield values
     ffdb.dispose_all()
     with admin.connect() as conn:

@@ -2,7 +2,16 @@
 from __future__ import annotations
 
 import time
+from dataclasses import fields
 from pathlib import Path
+
+from ffworker.config import Settings
+
+
+def environment_of(settings: Settings) -> dict[str, str]:
+    """The variables that reproduce ``settings`` in a child process."""
+    return {Settings.env_name(f.name): str(getattr(settings, f.name))
+            for f in fields(settings) if getattr(settings, f.name) is not None}
 
 
 def ffmpeg_processes_touching(fragment: str) -> list[int]:

@@ -17,7 +17,9 @@ import requests
 from sqlalchemy import text
 from werkzeug.serving import WSGIRequestHandler, make_server
 
-from ffworker.events import Events, NotificationHub, StreamLimits, listen_dsn
+from ffworker.listener import NotificationHub, listen_dsn
+from ffworker.sse import Events
+from ffworker.stream_slots import StreamLimits
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration
@@ -37,9 +39,10 @@ def live(app, settings):
     """The session app under a real threaded server, with a fresh hub and small limits."""
     previous = app.extensions["ffworker_events"]
     ledger = app.extensions["ffworker"].ledger
-    state = Events(NotificationHub(listen_dsn(settings.database_url), ledger.job_with_events), LIMITS)
+    state = Events(NotificationHub(listen_dsn(settings.database_url), ledger.job_with_events), settings, LIMITS)
     app.extensions["ffworker_events"] = state
-    assert state.hub.wait_connected(10)
+    state.hub.subscribe(uuid.uuid4()).close()  # the hub listens from its first subscriber on
+    wait_until(state.hub.connected.is_set, 10)
     server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=Http11Handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()

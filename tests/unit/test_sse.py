@@ -1,13 +1,11 @@
-"""Pure parts of the live events: event ids, what a client is owed, SSE parsing, limits."""
+"""Pure parts of the event stream: event ids, what a client is owed, SSE parsing."""
 from __future__ import annotations
 
 import uuid
 from datetime import datetime, timedelta, timezone
 
-import pytest
-
 from ffworker.client import _parse_sse
-from ffworker.events import Cursor, Slots, StreamLimits, format_event, is_finished, micros, pending_items
+from ffworker.sse import Cursor, format_event, is_finished, micros, pending_items
 
 T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
 JOB_ID = uuid.UUID("5f0c1d9e-8a43-4a7e-9a57-0c2b3e4d5f60")
@@ -110,22 +108,3 @@ def test_the_sse_parser_handles_split_chunks_crlf_comments_and_multiline_data():
         ("2-5", "progress", {"percent": 5.0}),
         ("3-5", "status", {"reason": "caf\u00e9"}),
     ]
-
-
-@pytest.mark.parametrize("threads, expected", [(32, 24), (16, 12), (8, 4), (5, 1), (4, 0), (1, 0), (64, 48)])
-def test_stream_slots_leave_threads_for_ordinary_requests(threads, expected):
-    assert StreamLimits.from_env({}, threads=threads).max_streams == expected
-
-
-def test_an_explicit_stream_limit_is_kept_below_the_thread_count():
-    assert StreamLimits.from_env({"FFWORKER_SSE_MAX_STREAMS": "10"}, threads=32).max_streams == 10
-    assert StreamLimits.from_env({"FFWORKER_SSE_MAX_STREAMS": "40"}, threads=32).max_streams == 31
-    limits = StreamLimits.from_env({"FFWORKER_SSE_KEEPALIVE_S": "5", "FFWORKER_SSE_MAX_DURATION_S": "60"})
-    assert (limits.max_streams, limits.keepalive_s, limits.max_duration_s) == (24, 5.0, 60.0)
-
-
-def test_slots_are_capped_and_released():
-    slots = Slots(2)
-    assert slots.try_acquire() and slots.try_acquire() and not slots.try_acquire()
-    slots.release()
-    assert slots.open == 1 and slots.try_acquire()
