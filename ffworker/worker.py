@@ -21,9 +21,10 @@ from pathlib import Path
 
 from sqlalchemy.exc import DBAPIError
 
-from ffworker import concat, hls, kinds, media, paths, process, rawcommand
+from ffworker import kinds, media, paths, process
 from ffworker.config import Settings
 from ffworker.errors import FencedOut, NotClaimable
+from ffworker.kinds.base import INPUT_FORMATS, Output, Plan, PlanError
 from ffworker.ledger import Claim, Ledger
 from ffworker.progress import Progress
 
@@ -60,10 +61,6 @@ def backoff_s(attempt: int, base_s: float = 5.0, cap_s: float = 300.0) -> float:
     return random.uniform(0.5, 1.0) * min(cap_s, base_s * 2 ** max(0, attempt - 1))
 
 
-def tenant_root(settings: Settings, tenant_name: str) -> Path:
-    return Path(os.path.realpath(settings.media_root)) / tenant_name
-
-
 def sanitize(text: str, root: Path) -> str:
     """Strip server paths from a message meant for API clients."""
     text = text.replace(f"{root}/", "").replace(str(root), ".")
@@ -76,18 +73,7 @@ def last_error_line(stderr: str) -> str:
     return lines[-1][:500] if lines else "ffmpeg failed without a message"
 
 
-Output = kinds.Output
 PROBE_BATCH = 32   # inputs probed between two heartbeats
-
-# One planner per kind: from the job's spec to the ffmpeg run (see ffworker.kinds).
-PLANNERS: dict[str, kinds.Planner] = {
-    "probe": kinds.plan_probe_job,
-    "transcode": kinds.plan_transcode_job,
-    "thumbnail": kinds.plan_thumbnail_job,
-    "concat": concat.plan_job,
-    "hls": hls.plan_job,
-    "command": rawcommand.plan_job,
-}
 
 
 @dataclass(frozen=True)
@@ -117,7 +103,7 @@ def run(job_id, ledger: Ledger, settings: Settings) -> RunReport:
 
 
 class JobRun:
-    """One attempt at one job; also the ``kinds.RunContext`` its planner works through."""
+    """One attempt at one job; also the ``RunContext`` (ffworker.kinds.base) its planner works through."""
 
     def __init__(self, claim: Claim, ledger: Ledger, settings: Settings) -> None:
         self.job = claim.job
@@ -126,7 +112,7 @@ class JobRun:
         self.token = claim.token
         self.ledger = ledger
         self.settings = settings
-        self.root = tenant_root(settings, claim.job["tenant_name"])
+        self.root = paths.tenant_root(settings, claim.job["tenant_name"])
         self.deadline = time.monotonic() + claim.job["timeout_s"]
         self.outputs: list[Output] = []
         self.scratch_files: list[Path] = []
@@ -168,7 +154,7 @@ class JobRun:
             return self.failed(RunFailure("invalid_request", exc.message))
         except process.ProbeFailed as exc:
             return self.failed(RunFailure("invalid_input", f"cannot read the input: {exc}", stderr_tail=exc.stderr_tail))
-        except kinds.PlanError as exc:
+        except PlanError as exc:
             return self.failed(RunFailure(exc.code, str(exc)))
         except OSError as exc:
             return self.failed(RunFailure("io_error", f"I/O error: {exc.strerror or exc}", retryable=True))
@@ -182,10 +168,10 @@ class JobRun:
 
     def perform(self) -> dict:
         """Plan with the kind's planner, run ffmpeg, finish, and describe the outputs."""
-        planner = PLANNERS.get(self.job["kind"])
-        if planner is None:
+        kind = kinds.get(self.job["kind"])
+        if kind is None:
             raise RunFailure("unsupported_kind", f"this worker cannot run {self.job['kind']!r} jobs")
-        plan = planner(self)
+        plan = kind.plan(self)
         self.media_duration_s = plan.duration_s
         if plan.args is not None:
             # A cancel requested while planning is seen at ffmpeg's first heartbeat.
@@ -197,7 +183,7 @@ class JobRun:
             result = {"outputs": [self.describe(output) for output in self.outputs], **result}
         return result
 
-    def run_ffmpeg(self, plan: kinds.Plan) -> None:
+    def run_ffmpeg(self, plan: Plan) -> None:
         outcome = process.run_ffmpeg(
             plan.args, duration_s=plan.duration_s, tick=self.tick,
             tick_interval_s=self.settings.progress_interval_s, timeout_s=self.remaining_s(),
@@ -285,7 +271,7 @@ class JobRun:
         self.log("failed" if row["status"] == "failed" else "retry", code=failure.code, message=failure.message)
         return "failed" if row["status"] == "failed" else "retry"
 
-    # -- the planner's context (kinds.RunContext) ----------------------------
+    # -- the planner's context (ffworker.kinds.base.RunContext) ---------------
 
     def input(self, user_path: str) -> Path:
         return paths.input_path(self.root, user_path)
@@ -301,7 +287,7 @@ class JobRun:
             batch = [str(path) for path in sources[start:start + PROBE_BATCH]]
             try:
                 probes += process.ffprobe_many(batch, timeout_s=max(1.0, self.remaining_s()),
-                                               formats=kinds.INPUT_FORMATS, extradata_hash=extradata_hash)
+                                               formats=INPUT_FORMATS, extradata_hash=extradata_hash)
             except process.ProbeFailed as exc:
                 exc.index += start
                 raise
