@@ -7,13 +7,10 @@ temporary output removed, and nothing more is written.
 """
 from __future__ import annotations
 
-import ctypes
-import errno
 import logging
 import os
 import random
 import re
-import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -21,7 +18,7 @@ from pathlib import Path
 
 from sqlalchemy.exc import DBAPIError
 
-from ffworker import kinds, media, paths, process
+from ffworker import kinds, media, outputs, paths, process
 from ffworker.config import Settings
 from ffworker.errors import FencedOut, NotClaimable
 from ffworker.kinds.base import INPUT_FORMATS, Output, Plan, PlanError
@@ -137,7 +134,7 @@ class JobRun:
             result = self.perform()
             if self.outputs:  # a cancel seen now still leaves nothing behind
                 self.checkpoint(placing_outputs=True)
-                self.publish_outputs()
+                outputs.publish(self.outputs, overwrite=self.overwrite)
             published = True
             self.final_row = self.with_db_retries(lambda: self.ledger.complete(
                 self.job_id, self.token, result, media_duration_s=self.media_duration_s,
@@ -150,6 +147,8 @@ class JobRun:
             return self.stopped("fenced")
         except RunFailure as failure:
             return self.failed(failure)
+        except outputs.OutputExists as exc:
+            return self.failed(RunFailure("output_exists", exc.message))
         except paths.UnsafePath as exc:
             return self.failed(RunFailure("invalid_request", exc.message))
         except process.ProbeFailed as exc:
@@ -163,7 +162,7 @@ class JobRun:
             return self.failed(RunFailure("database_error", "the ledger was unreachable", retryable=True))
         finally:
             if not published:
-                self.discard_outputs()
+                outputs.discard(self.outputs)
             self.remove_scratch()
 
     def perform(self) -> dict:
@@ -246,7 +245,7 @@ class JobRun:
     # -- endings ----------------------------------------------------------
 
     def stopped(self, reason: str) -> str:
-        self.discard_outputs()
+        outputs.discard(self.outputs)
         if reason == "cancelled":
             try:
                 self.final_row = self.with_db_retries(lambda: self.ledger.record_cancelled(self.job_id, self.token))
@@ -258,7 +257,7 @@ class JobRun:
         return "lost"
 
     def failed(self, failure: RunFailure) -> str:
-        self.discard_outputs()
+        outputs.discard(self.outputs)
         delay = backoff_s(self.token)
         try:
             row = self.with_db_retries(lambda: self.ledger.fail(
@@ -332,104 +331,12 @@ class JobRun:
         except process.ProbeFailed as exc:
             raise RunFailure("ffmpeg_failed", f"ffmpeg wrote an output that ffprobe cannot read: "
                                               f"{output.described_user_path!r}", stderr_tail=exc.stderr_tail) from None
-        size = tree_size(output.temp) if output.is_dir else output.temp.stat().st_size
+        size = outputs.size_bytes(output.temp)
         return media.output_summary(output.described_user_path, probe, size)
-
-    def publish_outputs(self) -> None:
-        """Move every output into place; if one cannot be, take back those already placed."""
-        placed: list[Output] = []
-        try:
-            for output in self.outputs:
-                move = publish_dir if output.is_dir else publish
-                move(output.temp, output.final, overwrite=self.overwrite, user_path=output.user_path)
-                placed.append(output)
-        except (RunFailure, OSError):
-            if not self.overwrite:  # what was placed was created by this run: nothing else is lost
-                for output in placed:
-                    remove_path(output.final)
-            raise
-
-    def discard_outputs(self) -> None:
-        for output in self.outputs:
-            remove_path(output.temp)
 
     def remove_scratch(self) -> None:
         for path in self.scratch_files:
-            remove_path(path)
+            outputs.remove(path)
 
     def remaining_s(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
-
-
-def remove_path(path: Path) -> None:
-    """Remove a file or a directory tree; a missing one is fine."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def tree_size(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
-
-
-def publish(temp: Path, final: Path, *, overwrite: bool, user_path: str) -> None:
-    """Move a finished temp file into place atomically.
-
-    Without overwrite, a hard link refuses to clobber a file that appeared
-    since submission; with it, rename(2) replaces the target in one step.
-    """
-    if overwrite:
-        os.replace(temp, final)
-        return
-    try:
-        os.link(temp, final)
-    except FileExistsError:
-        raise RunFailure("output_exists", f"output {user_path!r} appeared while the job ran; set overwrite to replace it")
-    temp.unlink()
-
-
-def publish_dir(temp: Path, final: Path, *, overwrite: bool, user_path: str) -> None:
-    """Move a finished temp directory into place atomically.
-
-    Without overwrite the rename refuses to replace anything that appeared
-    since submission; with it, an existing directory is swapped with the new
-    one in a single step (readers see the old tree or the new one, never a
-    mix) and then deleted.
-    """
-    try:
-        _rename(temp, final, _RENAME_NOREPLACE)
-        return
-    except FileExistsError:
-        if not overwrite:
-            raise RunFailure("output_exists", f"output {user_path!r} appeared while the job ran; "
-                                              "set overwrite to replace it") from None
-    if final.is_symlink() or not final.is_dir():
-        raise RunFailure("output_exists", f"output {user_path!r} exists and is not a directory")
-    _rename(temp, final, _RENAME_EXCHANGE)
-    shutil.rmtree(temp, ignore_errors=True)  # now the previous directory
-
-
-_AT_FDCWD = -100
-_RENAME_NOREPLACE = 1
-_RENAME_EXCHANGE = 2
-
-
-def _rename(source: Path, target: Path, flags: int) -> None:
-    """renameat2(2); where the C library or the filesystem lacks it, the closest portable steps."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is not None:
-        if renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), flags) == 0:
-            return
-        code = ctypes.get_errno()
-        if code not in (errno.ENOSYS, errno.EINVAL):
-            raise OSError(code, os.strerror(code), str(target))
-    if flags == _RENAME_NOREPLACE:
-        if os.path.lexists(target):
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
-        os.rename(source, target)
-        return
-    aside = source.with_name(source.name + ".previous")
-    os.rename(target, aside)
-    os.rename(source, target)
-    os.rename(aside, source)
