@@ -66,7 +66,7 @@ class Bench:
     def __init__(self) -> None:
         from ffworker.app import create_app
         from ffworker.tenants import create_tenant
-        from ffworker.worker import tenant_root
+        from ffworker.paths import tenant_root
 
         self.app = create_app()
         self.services = self.app.extensions["ffworker"]

@@ -26,7 +26,6 @@ from ffworker.schemas import (
     present,
     split_request,
 )
-from ffworker.worker import tenant_root
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Media jobs")
 IDEMPOTENCY_KEY_MAX = 200
@@ -51,28 +50,18 @@ def _job_or_404(job_id: uuid.UUID) -> dict:
     return row
 
 
-def _path_errors(kind: str, spec: dict) -> dict[str, list[str]]:
-    """Submit-time path checks; field → messages. Mentions only the caller's own paths."""
-    root = tenant_root(services().settings, g.tenant.name)
-    overwrite = spec.get("overwrite", False)
-    errors: dict[str, list[str]] = {}
-    resolved_inputs = set()
-    for field in kinds.INPUT_FIELDS.get(kind, ()):
-        values = spec.get(field)
-        for value in values if isinstance(values, list) else [values]:
-            try:
-                resolved_inputs.add(paths.input_path(root, value))
-            except paths.UnsafePath as exc:
-                errors.setdefault(field, []).append(exc.message)
-    for field, suffixes in kinds.OUTPUT_FIELDS.get(kind, {}).items():
-        try:
-            target = paths.output_path(root, spec[field], overwrite=overwrite, suffixes=suffixes)
-        except paths.UnsafePath as exc:
-            errors.setdefault(field, []).append(exc.message)
-            continue
-        if target in resolved_inputs:
-            errors.setdefault(field, []).append("the output must not be one of the inputs")
-    return errors
+def _refuse_by_kind(kind_name: str, spec: dict) -> None:
+    """The kind's submit-time rules, run once here: enabled on this server, then its paths confined.
+
+    Messages mention only the caller's own paths.
+    """
+    kind = kinds.get(kind_name)
+    refusal = kind.unavailable(services().settings)
+    if refusal:
+        abort(422, errors={"kind": [refusal]})
+    errors = kind.check(paths.tenant_root(services().settings, g.tenant.name), spec)
+    if errors:
+        abort(422, errors=errors)
 
 
 def _request_fingerprint(body: dict) -> str:
@@ -115,9 +104,7 @@ class Jobs(MethodView):
         """Submit a job. Returns at once; the job runs on a worker."""
         current = services()
         common, spec = split_request(body)
-        errors = _path_errors(common["kind"], spec)
-        if errors:
-            abort(422, message="invalid paths: " + "; ".join(m for ms in errors.values() for m in ms), errors=errors)
+        _refuse_by_kind(common["kind"], spec)
         idempotency_key = request.headers.get("Idempotency-Key") or None
         if idempotency_key is not None and len(idempotency_key) > IDEMPOTENCY_KEY_MAX:
             abort(422, message=f"Idempotency-Key must be at most {IDEMPOTENCY_KEY_MAX} characters")

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 
+from ffworker import kinds
 from ffworker.client import ApiError, Client
 from ffworker.config import settings_or_exit
 
@@ -173,7 +174,7 @@ def _client(api_url: str, api_key: str | None) -> Client:
 
 
 @cli.command()
-@click.argument("kind", type=click.Choice(["probe", "transcode", "thumbnail", "concat", "hls", "command"]))
+@click.argument("kind", type=click.Choice(kinds.names()))
 @click.option("--input", "input_", help="Input path, relative to the tenant's media directory.")
 @click.option("--inputs", multiple=True, help="Inputs of a concat job (repeat).")
 @click.option("--output", help="Output path (output_dir for hls).")

@@ -1,4 +1,4 @@
-"""Plain summaries of ffprobe's JSON, for job results and planning."""
+"""Plain summaries of ffprobe's JSON, for job results and planning, and the geometry of its streams."""
 from __future__ import annotations
 
 from fractions import Fraction
@@ -68,6 +68,60 @@ def duration_of(probe: dict) -> float | None:
 
 def first_stream(probe: dict, kind: str) -> dict | None:
     return next((s for s in probe.get("streams", []) if s.get("codec_type") == kind), None)
+
+
+# -- stream geometry: the picture as it is shown (concat and hls size their outputs by it) --
+
+
+def main_stream(probe: dict, kind: str) -> dict | None:
+    """The first stream of that kind, cover art (an attached picture) not counting as video."""
+    for stream in probe.get("streams", []):
+        if stream.get("codec_type") == kind and not (stream.get("disposition") or {}).get("attached_pic"):
+            return stream
+    return None
+
+
+def rotation(stream: dict) -> int:
+    """Display rotation in degrees (0, 90, 180, 270) from the display matrix or the legacy tag."""
+    value = None
+    for side_data in stream.get("side_data_list") or []:
+        if "rotation" in side_data:
+            value = side_data["rotation"]
+    if value is None:
+        value = (stream.get("tags") or {}).get("rotate")
+    try:
+        return int(round(float(value or 0))) % 360
+    except (TypeError, ValueError):
+        return 0
+
+
+def sample_aspect_ratio(stream: dict) -> Fraction:
+    try:
+        sar = Fraction(str(stream.get("sample_aspect_ratio") or "1:1").replace(":", "/"))
+    except (ValueError, ZeroDivisionError):
+        return Fraction(1)
+    return sar if sar > 0 else Fraction(1)
+
+
+def display_size(stream: dict) -> tuple[int, int]:
+    """The size the picture is shown at: square pixels, rotation applied, even."""
+    width = int(stream["width"] * sample_aspect_ratio(stream))
+    height = int(stream["height"])
+    if rotation(stream) in (90, 270):
+        width, height = height, width
+    return max(2, width - width % 2), max(2, height - height % 2)
+
+
+def frame_rate(stream: dict) -> Fraction | None:
+    """The stream's frame rate: its base rate when sane, else the average."""
+    for key in ("r_frame_rate", "avg_frame_rate"):
+        try:
+            rate = Fraction(str(stream.get(key)))
+        except (ValueError, ZeroDivisionError):
+            continue
+        if 1 <= rate <= 240:
+            return rate
+    return None
 
 
 def output_summary(user_path: str, probe: dict, size_bytes: int) -> dict:

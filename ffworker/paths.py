@@ -32,6 +32,11 @@ class UnsafePath(ValueError):
         self.message = message
 
 
+def tenant_root(settings, tenant_name: str) -> Path:
+    """The tenant's media directory: every path of its requests is relative to it."""
+    return Path(os.path.realpath(settings.media_root)) / tenant_name
+
+
 def confine(root: Path, user_path: str) -> Path:
     _check_raw(user_path)
     shown = _show(user_path)

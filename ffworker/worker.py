@@ -7,12 +7,9 @@ temporary output removed, and nothing more is written.
 """
 from __future__ import annotations
 
-import ctypes
-import errno
 import logging
 import os
 import re
-import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -20,9 +17,10 @@ from pathlib import Path
 
 from sqlalchemy.exc import DBAPIError
 
-from ffworker import concat, hls, kinds, media, paths, process, rawcommand
+from ffworker import kinds, media, outputs, paths, process
 from ffworker.config import Settings
 from ffworker.errors import FencedOut, NotClaimable
+from ffworker.kinds.base import INPUT_FORMATS, Output, Plan, PlanError
 from ffworker.ledger import Claim, Ledger
 from ffworker.progress import Progress
 
@@ -54,10 +52,6 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def tenant_root(settings: Settings, tenant_name: str) -> Path:
-    return Path(os.path.realpath(settings.media_root)) / tenant_name
-
-
 def sanitize(text: str, root: Path) -> str:
     """Strip server paths from a message meant for API clients."""
     text = text.replace(f"{root}/", "").replace(str(root), ".")
@@ -70,18 +64,7 @@ def last_error_line(stderr: str) -> str:
     return lines[-1][:500] if lines else "ffmpeg failed without a message"
 
 
-Output = kinds.Output
 PROBE_BATCH = 32   # inputs probed between two heartbeats
-
-# One planner per kind: from the job's spec to the ffmpeg run (see ffworker.kinds).
-PLANNERS: dict[str, kinds.Planner] = {
-    "probe": kinds.plan_probe_job,
-    "transcode": kinds.plan_transcode_job,
-    "thumbnail": kinds.plan_thumbnail_job,
-    "concat": concat.plan_job,
-    "hls": hls.plan_job,
-    "command": rawcommand.plan_job,
-}
 
 
 @dataclass(frozen=True)
@@ -111,7 +94,7 @@ def run(job_id, ledger: Ledger, settings: Settings) -> RunReport:
 
 
 class JobRun:
-    """One attempt at one job; also the ``kinds.RunContext`` its planner works through."""
+    """One attempt at one job; also the ``RunContext`` (ffworker.kinds.base) its planner works through."""
 
     def __init__(self, claim: Claim, ledger: Ledger, settings: Settings) -> None:
         self.job = claim.job
@@ -120,7 +103,7 @@ class JobRun:
         self.token = claim.token
         self.ledger = ledger
         self.settings = settings
-        self.root = tenant_root(settings, claim.job["tenant_name"])
+        self.root = paths.tenant_root(settings, claim.job["tenant_name"])
         self.deadline = time.monotonic() + claim.job["timeout_s"]
         self.outputs: list[Output] = []
         self.scratch_files: list[Path] = []
@@ -145,7 +128,7 @@ class JobRun:
             result = self.perform()
             if self.outputs:  # a cancel seen now still leaves nothing behind
                 self.checkpoint(placing_outputs=True)
-                self.publish_outputs()
+                outputs.publish(self.outputs, overwrite=self.overwrite)
             published = True
             self.final_row = self.with_db_retries(lambda: self.ledger.complete(
                 self.job_id, self.token, result, media_duration_s=self.media_duration_s,
@@ -158,11 +141,13 @@ class JobRun:
             return self.stopped("fenced")
         except RunFailure as failure:
             return self.failed(failure)
+        except outputs.OutputExists as exc:
+            return self.failed(RunFailure("output_exists", exc.message))
         except paths.UnsafePath as exc:
             return self.failed(RunFailure("invalid_request", exc.message))
         except process.ProbeFailed as exc:
             return self.failed(RunFailure("invalid_input", f"cannot read the input: {exc}", stderr_tail=exc.stderr_tail))
-        except kinds.PlanError as exc:
+        except PlanError as exc:
             return self.failed(RunFailure(exc.code, str(exc)))
         except OSError as exc:
             return self.failed(RunFailure("io_error", f"I/O error: {exc.strerror or exc}", retryable=True))
@@ -171,15 +156,15 @@ class JobRun:
             return self.failed(RunFailure("database_error", "the ledger was unreachable", retryable=True))
         finally:
             if not published:
-                self.discard_outputs()
+                outputs.discard(self.outputs)
             self.remove_scratch()
 
     def perform(self) -> dict:
         """Plan with the kind's planner, run ffmpeg, finish, and describe the outputs."""
-        planner = PLANNERS.get(self.job["kind"])
-        if planner is None:
+        kind = kinds.get(self.job["kind"])
+        if kind is None:
             raise RunFailure("unsupported_kind", f"this worker cannot run {self.job['kind']!r} jobs")
-        plan = planner(self)
+        plan = kind.plan(self)
         self.media_duration_s = plan.duration_s
         if plan.args is not None:
             # A cancel requested while planning is seen at ffmpeg's first heartbeat.
@@ -191,7 +176,7 @@ class JobRun:
             result = {"outputs": [self.describe(output) for output in self.outputs], **result}
         return result
 
-    def run_ffmpeg(self, plan: kinds.Plan) -> None:
+    def run_ffmpeg(self, plan: Plan) -> None:
         outcome = process.run_ffmpeg(
             plan.args, duration_s=plan.duration_s, tick=self.tick,
             tick_interval_s=self.settings.progress_interval_s, timeout_s=self.remaining_s(),
@@ -254,7 +239,7 @@ class JobRun:
     # -- endings ----------------------------------------------------------
 
     def stopped(self, reason: str) -> str:
-        self.discard_outputs()
+        outputs.discard(self.outputs)
         if reason == "cancelled":
             try:
                 self.final_row = self.with_db_retries(lambda: self.ledger.record_cancelled(self.job_id, self.token))
@@ -266,7 +251,7 @@ class JobRun:
         return "lost"
 
     def failed(self, failure: RunFailure) -> str:
-        self.discard_outputs()
+        outputs.discard(self.outputs)
         try:
             row = self.with_db_retries(lambda: self.ledger.fail(
                 self.job_id, self.token, code=failure.code, message=failure.message,
@@ -278,7 +263,7 @@ class JobRun:
         self.log("failed" if row["status"] == "failed" else "retry", code=failure.code, message=failure.message)
         return "failed" if row["status"] == "failed" else "retry"
 
-    # -- the planner's context (kinds.RunContext) ----------------------------
+    # -- the planner's context (ffworker.kinds.base.RunContext) ---------------
 
     def input(self, user_path: str) -> Path:
         return paths.input_path(self.root, user_path)
@@ -294,7 +279,7 @@ class JobRun:
             batch = [str(path) for path in sources[start:start + PROBE_BATCH]]
             try:
                 probes += process.ffprobe_many(batch, timeout_s=max(1.0, self.remaining_s()),
-                                               formats=kinds.INPUT_FORMATS, extradata_hash=extradata_hash)
+                                               formats=INPUT_FORMATS, extradata_hash=extradata_hash)
             except process.ProbeFailed as exc:
                 exc.index += start
                 raise
@@ -339,104 +324,12 @@ class JobRun:
         except process.ProbeFailed as exc:
             raise RunFailure("ffmpeg_failed", f"ffmpeg wrote an output that ffprobe cannot read: "
                                               f"{output.described_user_path!r}", stderr_tail=exc.stderr_tail) from None
-        size = tree_size(output.temp) if output.is_dir else output.temp.stat().st_size
+        size = outputs.size_bytes(output.temp)
         return media.output_summary(output.described_user_path, probe, size)
-
-    def publish_outputs(self) -> None:
-        """Move every output into place; if one cannot be, take back those already placed."""
-        placed: list[Output] = []
-        try:
-            for output in self.outputs:
-                move = publish_dir if output.is_dir else publish
-                move(output.temp, output.final, overwrite=self.overwrite, user_path=output.user_path)
-                placed.append(output)
-        except (RunFailure, OSError):
-            if not self.overwrite:  # what was placed was created by this run: nothing else is lost
-                for output in placed:
-                    remove_path(output.final)
-            raise
-
-    def discard_outputs(self) -> None:
-        for output in self.outputs:
-            remove_path(output.temp)
 
     def remove_scratch(self) -> None:
         for path in self.scratch_files:
-            remove_path(path)
+            outputs.remove(path)
 
     def remaining_s(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
-
-
-def remove_path(path: Path) -> None:
-    """Remove a file or a directory tree; a missing one is fine."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def tree_size(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
-
-
-def publish(temp: Path, final: Path, *, overwrite: bool, user_path: str) -> None:
-    """Move a finished temp file into place atomically.
-
-    Without overwrite, a hard link refuses to clobber a file that appeared
-    since submission; with it, rename(2) replaces the target in one step.
-    """
-    if overwrite:
-        os.replace(temp, final)
-        return
-    try:
-        os.link(temp, final)
-    except FileExistsError:
-        raise RunFailure("output_exists", f"output {user_path!r} appeared while the job ran; set overwrite to replace it")
-    temp.unlink()
-
-
-def publish_dir(temp: Path, final: Path, *, overwrite: bool, user_path: str) -> None:
-    """Move a finished temp directory into place atomically.
-
-    Without overwrite the rename refuses to replace anything that appeared
-    since submission; with it, an existing directory is swapped with the new
-    one in a single step (readers see the old tree or the new one, never a
-    mix) and then deleted.
-    """
-    try:
-        _rename(temp, final, _RENAME_NOREPLACE)
-        return
-    except FileExistsError:
-        if not overwrite:
-            raise RunFailure("output_exists", f"output {user_path!r} appeared while the job ran; "
-                                              "set overwrite to replace it") from None
-    if final.is_symlink() or not final.is_dir():
-        raise RunFailure("output_exists", f"output {user_path!r} exists and is not a directory")
-    _rename(temp, final, _RENAME_EXCHANGE)
-    shutil.rmtree(temp, ignore_errors=True)  # now the previous directory
-
-
-_AT_FDCWD = -100
-_RENAME_NOREPLACE = 1
-_RENAME_EXCHANGE = 2
-
-
-def _rename(source: Path, target: Path, flags: int) -> None:
-    """renameat2(2); where the C library or the filesystem lacks it, the closest portable steps."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is not None:
-        if renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), flags) == 0:
-            return
-        code = ctypes.get_errno()
-        if code not in (errno.ENOSYS, errno.EINVAL):
-            raise OSError(code, os.strerror(code), str(target))
-    if flags == _RENAME_NOREPLACE:
-        if os.path.lexists(target):
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
-        os.rename(source, target)
-        return
-    aside = source.with_name(source.name + ".previous")
-    os.rename(target, aside)
-    os.rename(source, target)
-    os.rename(aside, source)

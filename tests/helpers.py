@@ -59,3 +59,24 @@ def field_names(messages, prefix: str = "") -> set[str]:
             names.add(prefix + str(key))
             names |= field_names(value, f"{prefix}{key}.")
     return names
+
+
+def ffprobe_output(*, video=True, audio=True, duration="12.500000", stream_duration=None) -> dict:
+    """ffprobe's JSON for a 1080p h264 + aac file of 12.5 s (each part optional)."""
+    streams = []
+    if video:
+        streams.append({"index": 0, "codec_type": "video", "codec_name": "h264", "width": 1920, "height": 1080,
+                        "avg_frame_rate": "30000/1001", "pix_fmt": "yuv420p", "duration": stream_duration})
+    if audio:
+        streams.append({"index": len(streams), "codec_type": "audio", "codec_name": "aac", "sample_rate": "48000",
+                        "channels": 2, "duration": stream_duration})
+    fmt = {"format_name": "mov,mp4,m4a,3gp,3g2,mj2"}
+    if duration is not None:
+        fmt["duration"] = duration
+    return {"streams": streams, "format": fmt}
+
+
+def option(args: list[str], flag: str) -> str:
+    """The value following the one occurrence of ``flag``."""
+    assert args.count(flag) == 1, f"{flag} appears {args.count(flag)} times in {args}"
+    return args[args.index(flag) + 1]

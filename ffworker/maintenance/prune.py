@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
 from celery import shared_task
 
-from ffworker import paths
+from ffworker import outputs, paths
 from ffworker.extensions import services
 from ffworker.ledger import Ledger
 
@@ -74,13 +73,6 @@ def remove_orphaned_temp_files(ledger: Ledger, media_root: Path, min_age_s: floa
     for path, owner in candidates.items():
         if owner in owned:
             continue
-        _remove(path)
+        outputs.remove(path)
         removed.append(path)
     return removed
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)

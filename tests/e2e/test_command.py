@@ -7,7 +7,8 @@ import subprocess
 import pytest
 from sqlalchemy import text
 
-from ffworker import process, rawcommand
+from ffworker import process
+from ffworker.kinds import command
 from tests.conftest import WorkerProcess
 from tests.e2e.test_worker import finished, leftovers, submit
 from tests.helpers import make_celery_current
@@ -144,4 +145,4 @@ def test_a_worker_without_the_setting_refuses_to_run_a_command(worker, client, t
 def test_every_allowed_filter_exists_in_this_ffmpeg():
     listed = subprocess.run(["ffmpeg", "-hide_banner", "-filters"], capture_output=True, text=True).stdout
     names = {line.split()[1] for line in listed.splitlines() if len(line.split()) > 2 and "->" in line}
-    assert rawcommand.FILTERS - names == set()
+    assert command.FILTERS - names == set()

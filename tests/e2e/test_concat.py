@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from ffworker import concat, process
-from ffworker.concat import Clip
+from ffworker import process
+from ffworker.kinds import concat
+from ffworker.kinds.concat import Clip
 from tests.e2e.test_worker import finished, leftovers, submit
 from tests.helpers import ffmpeg_processes_touching, wait_until
 

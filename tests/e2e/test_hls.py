@@ -12,7 +12,7 @@ pytestmark = pytest.mark.e2e
 
 
 def stream_inf(master: str) -> list[dict[str, str]]:
-    from ffworker.hls import parse_master
+    from ffworker.kinds.hls import parse_master
 
     return list(parse_master(master)[1].values())
 

@@ -1,5 +1,6 @@
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -12,6 +13,7 @@ from ffworker.paths import (
     output_path,
     parse_temp_name,
     temp_path_for,
+    tenant_root,
 )
 
 def short_id(path: str) -> str:
@@ -349,3 +351,10 @@ def test_non_temp_names_do_not_parse(name):
 def test_temp_path_rejects_ids_that_would_not_round_trip(tmp_path, job_id, attempt):
     with pytest.raises(ValueError):
         temp_path_for(tmp_path / "out.mp4", job_id, attempt)
+
+
+def test_tenant_root_is_the_resolved_media_root_joined_with_the_tenant(tmp_path):
+    (tmp_path / "media").mkdir()
+    os.symlink(tmp_path / "media", tmp_path / "link")
+    settings = SimpleNamespace(media_root=str(tmp_path / "link"))
+    assert tenant_root(settings, "acme") == Path(os.path.realpath(tmp_path / "media")) / "acme"

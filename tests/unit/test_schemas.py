@@ -8,7 +8,8 @@ from datetime import datetime, timezone
 import pytest
 from marshmallow import ValidationError
 
-from ffworker.schemas import METADATA_MAX_BYTES, JobRequestSchema, JobSchema, present, split_request
+from ffworker.kinds.request import METADATA_MAX_BYTES
+from ffworker.schemas import JobRequestSchema, JobSchema, present, split_request
 from tests.helpers import field_names
 
 COMMON_DEFAULTS = {"priority": 0, "timeout_s": None, "workspace": "default", "metadata": {}, "overwrite": False}

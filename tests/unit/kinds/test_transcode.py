@@ -1,34 +1,15 @@
-"""ffmpeg argument plans for transcode and thumbnail jobs, from hand-written ffprobe output."""
+"""ffmpeg argument plans for transcode jobs, from hand-written ffprobe output; the multi-field rules."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from ffworker import kinds
-from ffworker.kinds import PlanError, plan_thumbnail, plan_transcode, transcode_rule_errors
+from ffworker.kinds.base import PlanError
+from ffworker.kinds.transcode import PRESETS, plan_transcode, transcode_rule_errors
+from tests.helpers import ffprobe_output as probe, option
 
 SOURCE = Path("/media/acme/in.mp4")
-
-
-def probe(*, video=True, audio=True, duration="12.500000", stream_duration=None) -> dict:
-    streams = []
-    if video:
-        streams.append({"index": 0, "codec_type": "video", "codec_name": "h264", "width": 1920, "height": 1080,
-                        "avg_frame_rate": "30000/1001", "pix_fmt": "yuv420p", "duration": stream_duration})
-    if audio:
-        streams.append({"index": len(streams), "codec_type": "audio", "codec_name": "aac", "sample_rate": "48000",
-                        "channels": 2, "duration": stream_duration})
-    fmt = {"format_name": "mov,mp4,m4a,3gp,3g2,mj2"}
-    if duration is not None:
-        fmt["duration"] = duration
-    return {"streams": streams, "format": fmt}
-
-
-def option(args: list[str], flag: str) -> str:
-    """The value following the one occurrence of ``flag``."""
-    assert args.count(flag) == 1, f"{flag} appears {args.count(flag)} times in {args}"
-    return args[args.index(flag) + 1]
 
 
 def options(args: list[str], flag: str) -> list[str]:
@@ -175,76 +156,6 @@ def test_duration_falls_back_to_the_longest_stream():
 # -- thumbnail ------------------------------------------------------------------------------
 
 
-def thumbnail(spec: dict, media: dict | None = None, target: str = "/media/acme/t.jpg"):
-    return plan_thumbnail({"input": "in.mp4", "output": Path(target).name, **spec}, SOURCE,
-                          probe() if media is None else media, Path(target))
-
-
-def test_thumbnail_defaults_to_ten_percent_of_the_duration():
-    plan = thumbnail({})
-    assert plan.result == {"at_s": 1.25}
-    assert option(plan.args, "-ss") == "1.250"
-    assert args_order(plan.args, "-ss", "-i")  # seek before the input: fast, keyframe-accurate enough
-    assert option(plan.args, "-frames:v") == "1"
-    assert "-an" in plan.args
-    assert plan.args[-1] == "/media/acme/t.jpg"
-    assert plan.duration_s is None
-
-
-def args_order(args, first, second) -> bool:
-    return args.index(first) < args.index(second)
-
-
-def test_thumbnail_default_uses_the_stream_duration_when_the_format_has_none():
-    assert thumbnail({}, probe(duration=None, stream_duration="40")).result == {"at_s": 4.0}
-
-
-def test_thumbnail_of_an_input_of_unknown_duration_takes_the_first_frame():
-    plan = thumbnail({}, probe(duration=None))
-    assert plan.result == {"at_s": 0.0} and option(plan.args, "-ss") == "0.000"
-
-
-def test_thumbnail_at_an_explicit_time_and_width():
-    plan = thumbnail({"at_s": 3.5, "width": 320})
-    assert option(plan.args, "-ss") == "3.500"
-    assert option(plan.args, "-vf") == "scale=320:-2"
-    assert plan.result == {"at_s": 3.5}
-
-
-def test_thumbnail_just_before_the_end_is_allowed():
-    assert thumbnail({"at_s": 12.4}).result == {"at_s": 12.4}
-
-
-@pytest.mark.parametrize("at_s", [12.5, 13, 1000])
-def test_thumbnail_at_or_beyond_the_duration_is_a_plan_error(at_s):
-    with pytest.raises(PlanError) as info:
-        thumbnail({"at_s": at_s})
-    assert info.value.code == "invalid_request"
-    assert "12.500" in str(info.value)
-
-
-def test_thumbnail_needs_a_video_stream():
-    with pytest.raises(PlanError) as info:
-        thumbnail({}, probe(video=False))
-    assert info.value.code == "invalid_input"
-
-
-@pytest.mark.parametrize("target,expected,absent", [
-    ("/m/t.jpg", ["-q:v", "2"], "-c:v"),
-    ("/m/t.JPEG", ["-q:v", "2"], "-c:v"),
-    ("/m/t.webp", ["-c:v", "libwebp"], "-q:v"),
-])
-def test_thumbnail_encoder_follows_the_suffix(target, expected, absent):
-    args = thumbnail({}, target=target).args
-    assert option(args, expected[0]) == expected[1]
-    assert absent not in args
-
-
-def test_png_thumbnail_uses_the_default_encoder():
-    args = thumbnail({}, target="/m/t.png").args
-    assert "-q:v" not in args and "-c:v" not in args
-
-
 # -- transcode_rule_errors --------------------------------------------------------------------
 
 
@@ -306,6 +217,6 @@ def test_mp3_without_explicit_codecs_defaults_to_mp3_audio():
 
 
 def test_every_preset_is_valid_for_its_natural_container():
-    for name, preset in kinds.PRESETS.items():
+    for name, preset in PRESETS.items():
         output = "o.mp4" if preset["video"] else "o.m4a"
         assert transcode_rule_errors({"output": output, "preset": name}) == {}, name

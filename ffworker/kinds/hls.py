@@ -14,10 +14,14 @@ import os
 import re
 from pathlib import Path
 
-from ffworker import kinds, media, paths, process
-from ffworker.concat import display_size, frame_rate, main_stream
-from ffworker.kinds import Plan, PlanError, RunContext
+from marshmallow import ValidationError, fields, validate, validates_schema
 
+from ffworker import media, paths, process
+from ffworker.kinds.base import Kind, Plan, PlanError, RunContext, field_check, input_args
+from ffworker.kinds.request import JobCommonSchema, RelativePath, even
+from ffworker.media import display_size, frame_rate, main_stream
+
+NAME = "hls"
 DEFAULT_RENDITIONS = (360, 720)
 DEFAULT_SEGMENT_S = 6.0
 MASTER = "master.m3u8"
@@ -63,24 +67,54 @@ def contains(directory: Path, path: Path) -> bool:
     return os.path.commonpath([directory, path]) == str(directory)
 
 
-def path_errors(root: Path, spec: dict) -> dict[str, list[str]]:
-    """Submit-time checks of ``output_dir``: confined, absent unless overwrite, and replaceable."""
+def output_dir_problems(root: Path, spec: dict) -> list[str]:
+    """``output_dir`` confined, absent unless overwrite, replaceable, and not around the input."""
     user_path = spec["output_dir"]
     try:
         final = paths.output_dir_path(root, user_path, overwrite=spec.get("overwrite", False))
     except paths.UnsafePath as exc:
-        return {"output_dir": [exc.message]}
-    errors = []
+        return [exc.message]
+    problems = []
     problem = replace_problem(final, user_path)
     if problem:
-        errors.append(problem)
+        problems.append(problem)
     try:
         source = paths.input_path(root, spec["input"])
     except (paths.UnsafePath, KeyError):
         source = None  # reported on the input field
     if source is not None and contains(final, source):
-        errors.append("the input must not be inside output_dir")
-    return {"output_dir": errors} if errors else {}
+        problems.append("the input must not be inside output_dir")
+    return problems
+
+
+_check_input = field_check(inputs=("input",))
+
+
+def check(root: Path, spec: dict) -> dict[str, list[str]]:
+    """Submit-time path checks of the input and ``output_dir``; field → messages."""
+    errors = _check_input(root, spec)
+    problems = output_dir_problems(root, spec)
+    if problems:
+        errors["output_dir"] = problems
+    return errors
+
+
+# -- the request --------------------------------------------------------------------
+
+
+class HlsRequestSchema(JobCommonSchema):
+    input = RelativePath(required=True)
+    output_dir = RelativePath(required=True)
+    renditions = fields.List(
+        fields.Integer(validate=[validate.Range(144, 4320), even]),
+        load_default=lambda: list(DEFAULT_RENDITIONS), validate=validate.Length(min=1, max=8),
+    )
+    segment_s = fields.Float(load_default=DEFAULT_SEGMENT_S, validate=validate.Range(min=1, max=60))
+
+    @validates_schema
+    def _no_pattern(self, data, **_):
+        if "%" in data["output_dir"]:
+            raise ValidationError("must not contain '%' (ffmpeg's HLS muxer reads it as a pattern)", "output_dir")
 
 
 # -- the planner --------------------------------------------------------------------
@@ -131,7 +165,7 @@ def ladder_args(source: Path, directory: Path, heights: list[int], *, has_audio:
         splits = "".join(f"[s{i}]" for i in range(len(heights)))
         graph = ";".join([f"[0:v:0]split={len(heights)}{splits}",
                           *(f"[s{i}]{scale.format(h)}[v{i}]" for i, h in enumerate(heights))])
-    args = kinds.input_args(source) + ["-filter_complex", graph]
+    args = input_args(source) + ["-filter_complex", graph]
     streams = []
     for i, height in enumerate(heights):
         args += ["-map", f"[v{i}]"]
@@ -249,3 +283,6 @@ def write_master(directory: Path, heights: list[int], *, frame_rate: float | Non
                           **measured})
     (directory / MASTER).write_text("\n".join(lines) + "\n")
     return playlists
+
+
+KIND = Kind(NAME, HlsRequestSchema, check, plan_job)

@@ -1,21 +1,19 @@
-"""Job kinds: which paths a request names, and the ffmpeg arguments that do the work.
+"""transcode: one input re-encoded (or stream-copied) into one output file.
 
-A kind's *planner* turns a job's validated request into a ``Plan`` (ffmpeg
-arguments, media duration, result fields) through a ``RunContext``, which
-resolves and confines paths, probes inputs and hands out temporary output
-names. The argument builders are pure functions of the request and ffprobe's
-view of the inputs; the worker (``ffworker.worker``) runs every plan through
-the same machinery and publishes. concat, hls and command live in
-``ffworker.concat``, ``ffworker.hls`` and ``ffworker.rawcommand``.
+The argument builders are pure functions of the request and ffprobe's view of
+the input; concat reuses the container tables and the suffix list.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
 
-from ffworker import media
+from marshmallow import ValidationError, fields, validate, validates_schema
+
+from ffworker.kinds.base import Kind, Plan, PlanError, RunContext, field_check, input_args
+from ffworker.kinds.request import JobCommonSchema, RelativePath, StrictSchema, even
 from ffworker.media import duration_of, first_stream
+
+NAME = "transcode"
 
 # User-facing codec names → ffmpeg encoders.
 VIDEO_CODECS = {"h264": "libx264", "hevc": "libx265", "vp9": "libvpx-vp9", "av1": "libsvtav1", "copy": "copy"}
@@ -46,84 +44,7 @@ PRESETS = {
                    "audio": {"codec": "aac", "bitrate": "160k"}},
     "audio-aac": {"video": None, "audio": {"codec": "aac", "bitrate": "128k"}},
 }
-THUMBNAIL_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 TRANSCODE_SUFFIXES = frozenset(f".{name}" for name in CONTAINERS)
-
-# The demuxers ffprobe and ffmpeg may pick for a tenant's file (-format_whitelist).
-# Left to auto-detection, a file named in.mp4 that holds an HLS playlist, a concat
-# script or an SDP description would make ffmpeg open whatever files (or hosts)
-# it lists: other tenants' media included. Only self-contained media formats.
-INPUT_FORMATS = ",".join((
-    "mov", "matroska", "webm", "mpegts", "mpeg", "avi", "flv", "asf", "mxf", "nut", "dv", "ogg",
-    "mp3", "aac", "ac3", "eac3", "dts", "truehd", "mlp", "wav", "w64", "aiff", "caf", "flac", "amr",
-    "ape", "wv", "tta", "ivf", "obu", "h264", "hevc", "m4v", "mjpeg", "yuv4mpegpipe", "gif",
-    "image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe", "srt", "webvtt", "ass",
-))
-
-
-class PlanError(Exception):
-    """The request cannot be done on these inputs (a deterministic failure)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass
-class Plan:
-    args: list[str] | None            # ffmpeg arguments after the global options; None: nothing to run
-    duration_s: float | None          # media time the run covers, for percent
-    result: dict = field(default_factory=dict)  # kind-specific result fields besides outputs
-    # After ffmpeg succeeded, before the outputs are probed and published: a step
-    # that completes the outputs and returns more result fields.
-    finish: Callable[[], dict] | None = None
-
-
-@dataclass
-class Output:
-    """One output of a run: written at ``temp``, moved to ``final`` on success."""
-
-    user_path: str
-    final: Path
-    temp: Path
-    is_dir: bool = False
-    entry: str | None = None          # a directory output's file that describes it (e.g. its master playlist)
-    formats: str = INPUT_FORMATS      # demuxers allowed when probing it
-
-    @property
-    def described_path(self) -> Path:
-        return self.temp / self.entry if self.entry else self.temp
-
-    @property
-    def described_user_path(self) -> str:
-        return f"{self.user_path.rstrip('/')}/{self.entry}" if self.entry else self.user_path
-
-
-class RunContext(Protocol):
-    """What a planner may use of the run: confined paths, probing, temp outputs.
-
-    Paths come back resolved and confined to the tenant's media directory;
-    outputs and scratch files get in-flight names that the run removes on
-    failure (and, for scratch files, always).
-    """
-
-    spec: dict
-    settings: object
-
-    def input(self, user_path: str) -> Path: ...
-
-    def probe(self, path: Path, *, extradata_hash: bool = False) -> dict: ...
-
-    def probe_many(self, paths: list[Path], *, extradata_hash: bool = False) -> list[dict]: ...
-
-    def output(self, user_path: str, suffixes: frozenset[str] | None = None) -> Output: ...
-
-    def output_dir(self, user_path: str, *, entry: str, formats: str) -> Output: ...
-
-    def scratch(self, beside: Path, suffix: str) -> Path: ...
-
-
-Planner = Callable[[RunContext], Plan]
 
 
 def container_of(spec: dict, output: str) -> str:
@@ -173,6 +94,48 @@ def transcode_rule_errors(spec: dict) -> dict[str, str]:
     return errors
 
 
+# -- the request ------------------------------------------------------------------
+
+
+class VideoSchema(StrictSchema):
+    codec = fields.String(load_default="h264", validate=validate.OneOf(VIDEO_CODECS))
+    crf = fields.Integer(validate=validate.Range(0, 51))
+    preset = fields.String(validate=validate.OneOf(X264_PRESETS))
+    height = fields.Integer(validate=[validate.Range(16, 4320), even])
+    quality = fields.String(validate=validate.OneOf(QUALITY_HEIGHTS))
+    fps = fields.Float(validate=validate.Range(min=1, max=240))
+
+    @validates_schema
+    def _one_size(self, data, **_):
+        if "height" in data and "quality" in data:
+            raise ValidationError("give height or quality, not both", "quality")
+
+
+class AudioSchema(StrictSchema):
+    codec = fields.String(load_default="aac", validate=validate.OneOf(AUDIO_CODECS))
+    bitrate = fields.String(validate=validate.Regexp(r"^\d{1,3}k\Z", error="a bitrate like '128k'"))
+
+
+class TranscodeRequestSchema(JobCommonSchema):
+    input = RelativePath(required=True)
+    output = RelativePath(required=True)
+    preset = fields.String(validate=validate.OneOf(PRESETS))
+    video = fields.Nested(VideoSchema)
+    audio = fields.Nested(AudioSchema)
+    container = fields.String(validate=validate.OneOf(CONTAINERS))
+
+    @validates_schema
+    def _rules(self, data, **_):
+        if "output" not in data:
+            return
+        errors = transcode_rule_errors(data)
+        if errors:
+            raise ValidationError({field: [message] for field, message in errors.items()})
+
+
+# -- ffmpeg arguments -------------------------------------------------------------
+
+
 def _video_filters(video: dict) -> str:
     height = video.get("height") or QUALITY_HEIGHTS.get(video.get("quality", ""))
     # -2 keeps the aspect ratio and rounds the width to an even number; encoders
@@ -182,11 +145,6 @@ def _video_filters(video: dict) -> str:
     if video.get("fps"):
         filters.append(f"fps={video['fps']}")
     return ",".join(filters)
-
-
-def input_args(source: Path) -> list[str]:
-    """``-i`` for a tenant's file, restricted to self-contained media formats."""
-    return ["-format_whitelist", INPUT_FORMATS, "-i", str(source)]
 
 
 def video_args(video: dict | None) -> list[str]:
@@ -230,64 +188,12 @@ def plan_transcode(spec: dict, source: Path, probe: dict, target: Path) -> Plan:
     return Plan(args=args, duration_s=duration_of(probe))
 
 
-def plan_thumbnail(spec: dict, source: Path, probe: dict, target: Path) -> Plan:
-    if first_stream(probe, "video") is None:
-        raise PlanError("invalid_input", "the input has no video stream")
-    duration = duration_of(probe)
-    at_s = spec.get("at_s")
-    if at_s is None:
-        at_s = round(duration * 0.1, 3) if duration else 0.0
-    elif duration is not None and at_s >= duration:
-        raise PlanError("invalid_request", f"at_s={at_s} is beyond the input's duration of {duration:.3f} s")
-    args = ["-ss", f"{at_s:.3f}", *input_args(source), "-frames:v", "1", "-an"]
-    if spec.get("width"):
-        args += ["-vf", f"scale={spec['width']}:-2"]
-    suffix = target.suffix.lower()
-    if suffix in (".jpg", ".jpeg"):
-        args += ["-q:v", "2"]
-    elif suffix == ".webp":
-        args += ["-c:v", "libwebp"]
-    args += ["-update", "1", "-y", str(target)]
-    return Plan(args=args, duration_s=None, result={"at_s": at_s})
-
-
-# -- planners: from a job's spec to a Plan, through the run's context ----------
-
-
-def plan_probe_job(ctx: RunContext) -> Plan:
-    probe = ctx.probe(ctx.input(ctx.spec["input"]))
-    return Plan(args=None, duration_s=duration_of(probe), result={"media": media.summarize(probe)})
-
-
-def plan_transcode_job(ctx: RunContext) -> Plan:
+def plan_job(ctx: RunContext) -> Plan:
     source = ctx.input(ctx.spec["input"])
     probe = ctx.probe(source)
     target = ctx.output(ctx.spec["output"])
     return plan_transcode(ctx.spec, source, probe, target.temp)
 
 
-def plan_thumbnail_job(ctx: RunContext) -> Plan:
-    source = ctx.input(ctx.spec["input"])
-    probe = ctx.probe(source)
-    target = ctx.output(ctx.spec["output"])
-    return plan_thumbnail(ctx.spec, source, probe, target.temp)
-
-
-# Which request fields name input files (a string or a list of strings) and
-# output files (with their allowed suffixes); the API confines them at submit
-# time. The hls output directory and the paths inside a command's argv are
-# checked by their request schemas (ffworker.hls.path_errors,
-# ffworker.rawcommand.path_errors).
-CONCAT_SUFFIXES = TRANSCODE_SUFFIXES
-INPUT_FIELDS: dict[str, tuple[str, ...]] = {
-    "probe": ("input",),
-    "transcode": ("input",),
-    "thumbnail": ("input",),
-    "concat": ("inputs",),
-    "hls": ("input",),
-}
-OUTPUT_FIELDS: dict[str, dict[str, frozenset[str] | None]] = {
-    "transcode": {"output": TRANSCODE_SUFFIXES},
-    "thumbnail": {"output": THUMBNAIL_SUFFIXES},
-    "concat": {"output": CONCAT_SUFFIXES},
-}
+check = field_check(inputs=("input",), outputs={"output": TRANSCODE_SUFFIXES})
+KIND = Kind(NAME, TranscodeRequestSchema, check, plan_job)

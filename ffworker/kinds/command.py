@@ -15,9 +15,10 @@ reads it. What the allow-list admits cannot name a file except through:
   them, and made only of filters from an allow-list that have no option
   reading or writing files or loading code.
 
-``parse`` needs no filesystem (it runs at submit time in the request schema);
-``path_errors`` confines the paths against the tenant's directory; ``plan_job``
-repeats both on the worker and builds the argv ffmpeg gets.
+``parse`` needs no filesystem; ``check`` parses and confines the paths against
+the tenant's directory at submit time; ``plan_job`` repeats both on the worker
+and builds the argv ffmpeg gets. The kind runs only where an operator turned
+it on (``unavailable``), checked by the API at submit and by the worker again.
 """
 from __future__ import annotations
 
@@ -26,9 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ffworker import kinds, paths
-from ffworker.kinds import Plan, PlanError, RunContext
+from marshmallow import fields, validate
 
+from ffworker import paths
+from ffworker.kinds.base import INPUT_FORMATS, Kind, Plan, PlanError, RunContext
+from ffworker.kinds.request import JobCommonSchema
+
+NAME = "command"
 SETTING = "FFWORKER_ALLOW_RAW_COMMANDS"
 DISABLED_MESSAGE = (f"the command kind (raw ffmpeg arguments) is disabled on this server; "
                     f"an operator enables it with {SETTING}=1")
@@ -41,7 +46,7 @@ OUTPUT_SUFFIXES = frozenset({
     ".mp4", ".m4v", ".m4a", ".mov", ".mkv", ".mka", ".webm", ".ts", ".mp3", ".aac", ".wav", ".flac",
     ".ogg", ".oga", ".opus", ".gif", ".png", ".jpg", ".jpeg", ".webp", ".srt", ".vtt", ".ass",
 })
-INPUT_FORMAT_NAMES = frozenset(kinds.INPUT_FORMATS.split(",")) | {"mp4", "m4a", "3gp", "lavfi"}
+INPUT_FORMAT_NAMES = frozenset(INPUT_FORMATS.split(",")) | {"mp4", "m4a", "3gp", "lavfi"}
 # Muxers that write exactly the one file they are given (no segments, no
 # playlists, no nested outputs, no network).
 OUTPUT_MUXERS = frozenset({
@@ -501,8 +506,20 @@ def check_filtergraph(text: str) -> None:
 # -- submit time and run time -----------------------------------------------------------
 
 
-def path_errors(root: Path, spec: dict) -> dict[str, list[str]]:
-    """Confine every path the argv names; field → messages (only the caller's own paths)."""
+class CommandRequestSchema(JobCommonSchema):
+    # The argv itself is checked by ``check`` (after the kind is known to be enabled).
+    args = fields.List(
+        fields.String(validate=validate.Length(max=MAX_ARG_CHARS)),
+        required=True, validate=validate.Length(min=1, max=MAX_ARGS),
+    )
+
+
+def unavailable(settings) -> str | None:
+    return None if getattr(settings, "allow_raw_commands", False) else DISABLED_MESSAGE
+
+
+def check(root: Path, spec: dict) -> dict[str, list[str]]:
+    """Parse the argv and confine every path it names; field → messages (only the caller's own paths)."""
     try:
         command = parse(spec.get("args"))
     except CommandRefused as exc:
@@ -541,7 +558,7 @@ def plan_job(ctx: RunContext) -> Plan:
         if role == "option":
             argv += [item[1]] if item[2] is None else [item[1], item[2]]
         elif role == "input":
-            argv += ["-format_whitelist", kinds.INPUT_FORMATS, "-i", str(ctx.input(item[1]))]
+            argv += ["-format_whitelist", INPUT_FORMATS, "-i", str(ctx.input(item[1]))]
         elif role == "graph_input":
             argv += ["-format_whitelist", "lavfi", "-i", item[1]]
         elif role == "attach":
@@ -552,3 +569,6 @@ def plan_job(ctx: RunContext) -> Plan:
                 raise PlanError("invalid_request", f"output {item[1]!r} is also an input")
             argv.append(str(output.temp))
     return Plan(args=argv, duration_s=None, result={})
+
+
+KIND = Kind(NAME, CommandRequestSchema, check, plan_job, unavailable=unavailable)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from ffworker import concat
-from ffworker.concat import Clip, Target
-from ffworker.kinds import PlanError
+from ffworker.kinds import concat
+from ffworker.kinds.base import PlanError
+from ffworker.kinds.concat import Clip, Target
 
 
 def video(**overrides) -> dict:

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from ffworker import hls, paths
-from ffworker.kinds import PlanError
+from ffworker import paths
+from ffworker.kinds import hls
+from ffworker.kinds.base import PlanError
 
 
 @pytest.mark.parametrize("requested, source, keep, dropped", [
@@ -94,22 +95,22 @@ def test_a_rendition_missing_from_ffmpegs_master_is_an_error(tmp_path):
     assert raised.value.code == "ffmpeg_failed"
 
 
-def test_path_errors(tmp_path):
+def test_check_of_output_dir(tmp_path):
     (tmp_path / "in.mp4").write_bytes(b"x")
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "master.m3u8").write_text("#EXTM3U\n")
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "in.mp4").write_bytes(b"x")
     spec = {"input": "in.mp4", "output_dir": "new"}
-    assert hls.path_errors(tmp_path, spec) == {}
-    assert "already exists" in hls.path_errors(tmp_path, {**spec, "output_dir": "old"})["output_dir"][0]
-    assert hls.path_errors(tmp_path, {**spec, "output_dir": "old", "overwrite": True}) == {}
-    assert "holds no master.m3u8" in hls.path_errors(
+    assert hls.check(tmp_path, spec) == {}
+    assert "already exists" in hls.check(tmp_path, {**spec, "output_dir": "old"})["output_dir"][0]
+    assert hls.check(tmp_path, {**spec, "output_dir": "old", "overwrite": True}) == {}
+    assert "holds no master.m3u8" in hls.check(
         tmp_path, {**spec, "output_dir": "photos", "overwrite": True})["output_dir"][0]
-    inside = hls.path_errors(tmp_path, {"input": "photos/in.mp4", "output_dir": "photos", "overwrite": True})
+    inside = hls.check(tmp_path, {"input": "photos/in.mp4", "output_dir": "photos", "overwrite": True})
     assert "the input must not be inside output_dir" in inside["output_dir"]
-    assert hls.path_errors(tmp_path, {**spec, "output_dir": "../x"})["output_dir"]
-    assert hls.path_errors(tmp_path, {**spec, "output_dir": "in.mp4"})["output_dir"]
+    assert hls.check(tmp_path, {**spec, "output_dir": "../x"})["output_dir"]
+    assert hls.check(tmp_path, {**spec, "output_dir": "in.mp4"})["output_dir"]
 
 
 def test_temp_directory_name_is_recognised_by_orphan_cleanup(tmp_path):

@@ -21,10 +21,16 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from ffworker import kinds, media, process
-from ffworker.kinds import Plan, PlanError, RunContext
+from marshmallow import ValidationError, fields, validate, validates_schema
 
+from ffworker import media, process
+from ffworker.kinds import transcode
+from ffworker.kinds.base import INPUT_FORMATS, Kind, Plan, PlanError, RunContext, field_check, input_args
+from ffworker.kinds.request import JobCommonSchema, RelativePath, even
+
+NAME = "concat"
 MODES = ("auto", "copy", "reencode")
+CONCAT_SUFFIXES = transcode.TRANSCODE_SUFFIXES
 AUDIO_CONTAINERS = frozenset({"m4a", "mp3", "ogg"})
 # Codecs each container holds by stream copy (ffprobe's codec names); None: any.
 COPY_CODECS: dict[str, tuple[frozenset[str] | None, frozenset[str] | None]] = {
@@ -116,6 +122,29 @@ class Target:
         return result
 
 
+# -- the request --------------------------------------------------------------------
+
+
+class ConcatRequestSchema(JobCommonSchema):
+    inputs = fields.List(RelativePath(), required=True, validate=validate.Length(min=2, max=100))
+    output = RelativePath(required=True)
+    mode = fields.String(load_default="auto", validate=validate.OneOf(MODES))
+    # Re-encoding only: the size, frame rate and quality every input is normalised to
+    # (default: the first input's size and frame rate).
+    width = fields.Integer(validate=[validate.Range(16, 7680), even])
+    height = fields.Integer(validate=[validate.Range(16, 4320), even])
+    fps = fields.Float(validate=validate.Range(min=1, max=240))
+    crf = fields.Integer(validate=validate.Range(0, 51))
+    preset = fields.String(validate=validate.OneOf(transcode.X264_PRESETS))
+
+    @validates_schema
+    def _copy_takes_no_encoding(self, data, **_):
+        if data.get("mode") == "copy":
+            given = [name for name in ("width", "height", "fps", "crf", "preset") if name in data]
+            if given:
+                raise ValidationError({name: ["applies to re-encoding only, not to mode 'copy'"] for name in given})
+
+
 # -- the planner ------------------------------------------------------------------
 
 
@@ -129,8 +158,8 @@ def plan_job(ctx: RunContext) -> Plan:
                                   exc.stderr_tail, exc.index) from None
     clips = [clip_from_probe(number, user_path, path, probe)
              for number, (user_path, path, probe) in enumerate(zip(spec["inputs"], sources, probes), start=1)]
-    container = kinds.container_of({}, spec["output"])
-    target = ctx.output(spec["output"], suffixes=kinds.CONCAT_SUFFIXES)
+    container = transcode.container_of({}, spec["output"])
+    target = ctx.output(spec["output"], suffixes=CONCAT_SUFFIXES)
     mode, reason = choose_mode(spec, clips, container)
     if mode == "copy":
         listing = ctx.scratch(target.final, ".ffconcat")
@@ -151,16 +180,8 @@ def plan_job(ctx: RunContext) -> Plan:
 # -- inputs -------------------------------------------------------------------------
 
 
-def main_stream(probe: dict, kind: str) -> dict | None:
-    """The first stream of that kind, cover art (an attached picture) not counting as video."""
-    for stream in probe.get("streams", []):
-        if stream.get("codec_type") == kind and not (stream.get("disposition") or {}).get("attached_pic"):
-            return stream
-    return None
-
-
 def clip_from_probe(number: int, user_path: str, path: Path, probe: dict) -> Clip:
-    video, audio = main_stream(probe, "video"), main_stream(probe, "audio")
+    video, audio = media.main_stream(probe, "video"), media.main_stream(probe, "audio")
     name = f"input {number} ({user_path!r})"
     if video is None and audio is None:
         raise PlanError("invalid_input", f"{name} has no audio or video stream")
@@ -171,49 +192,6 @@ def clip_from_probe(number: int, user_path: str, path: Path, probe: dict) -> Cli
         number=number, user_path=user_path, path=path, duration_s=duration, video=video, audio=audio,
         streams=tuple(s.get("codec_type") or "unknown" for s in probe.get("streams", [])),
     )
-
-
-def rotation(stream: dict) -> int:
-    """Display rotation in degrees (0, 90, 180, 270) from the display matrix or the legacy tag."""
-    value = None
-    for side_data in stream.get("side_data_list") or []:
-        if "rotation" in side_data:
-            value = side_data["rotation"]
-    if value is None:
-        value = (stream.get("tags") or {}).get("rotate")
-    try:
-        return int(round(float(value or 0))) % 360
-    except (TypeError, ValueError):
-        return 0
-
-
-def sample_aspect_ratio(stream: dict) -> Fraction:
-    try:
-        sar = Fraction(str(stream.get("sample_aspect_ratio") or "1:1").replace(":", "/"))
-    except (ValueError, ZeroDivisionError):
-        return Fraction(1)
-    return sar if sar > 0 else Fraction(1)
-
-
-def display_size(stream: dict) -> tuple[int, int]:
-    """The size the picture is shown at: square pixels, rotation applied, even."""
-    width = int(stream["width"] * sample_aspect_ratio(stream))
-    height = int(stream["height"])
-    if rotation(stream) in (90, 270):
-        width, height = height, width
-    return max(2, width - width % 2), max(2, height - height % 2)
-
-
-def frame_rate(stream: dict) -> Fraction | None:
-    """The stream's frame rate: its base rate when sane, else the average."""
-    for key in ("r_frame_rate", "avg_frame_rate"):
-        try:
-            rate = Fraction(str(stream.get(key)))
-        except (ValueError, ZeroDivisionError):
-            continue
-        if 1 <= rate <= 240:
-            return rate
-    return None
 
 
 # -- compatibility ------------------------------------------------------------------
@@ -239,8 +217,8 @@ def copy_signature(clip: Clip, audio_only: bool = False) -> dict[str, object]:
             "width": v.get("width"),
             "height": v.get("height"),
             "pixel format": v.get("pix_fmt"),
-            "sample aspect ratio": str(sample_aspect_ratio(v)),
-            "rotation": rotation(v),
+            "sample aspect ratio": str(media.sample_aspect_ratio(v)),
+            "rotation": media.rotation(v),
             "frame rate": v.get("r_frame_rate"),
             "video time base": v.get("time_base"),
             "field order": v.get("field_order"),
@@ -302,12 +280,12 @@ def requested_problems(spec: dict, clips: list[Clip], container: str) -> list[st
     problems = []
     if video is None or container in AUDIO_CONTAINERS:
         return problems
-    width, height = display_size(video)
+    width, height = media.display_size(video)
     if spec.get("width") is not None and spec["width"] != width:
         problems.append(f"the requested width {spec['width']} differs from the inputs' {width}")
     if spec.get("height") is not None and spec["height"] != height:
         problems.append(f"the requested height {spec['height']} differs from the inputs' {height}")
-    if spec.get("fps") is not None and requested_fps(spec["fps"]) != frame_rate(video):
+    if spec.get("fps") is not None and requested_fps(spec["fps"]) != media.frame_rate(video):
         problems.append(f"the requested frame rate {spec['fps']:g} differs from the inputs'")
     return problems
 
@@ -358,7 +336,7 @@ def copy_args(listing: Path, clips: list[Clip], container: str, output: Path) ->
     # file, and the demuxer may open local files only (-protocol_whitelist) of
     # media formats only (-format_whitelist, inherited by every file it opens).
     args = ["-f", "concat", "-safe", "0", "-protocol_whitelist", "file",
-            "-format_whitelist", f"concat,{kinds.INPUT_FORMATS}", "-i", str(listing)]
+            "-format_whitelist", f"concat,{INPUT_FORMATS}", "-i", str(listing)]
     if container in AUDIO_CONTAINERS or all(clip.video is None for clip in clips):
         args += ["-map", "0:a:0"]
     else:
@@ -368,8 +346,8 @@ def copy_args(listing: Path, clips: list[Clip], container: str, output: Path) ->
 
 
 def _muxer_args(container: str, output: Path) -> list[str]:
-    muxer = kinds.CONTAINERS[container][0]
-    args = ["-movflags", "+faststart"] if muxer in kinds.FASTSTART_MUXERS else []
+    muxer = transcode.CONTAINERS[container][0]
+    args = ["-movflags", "+faststart"] if muxer in transcode.FASTSTART_MUXERS else []
     return args + ["-f", muxer, "-y", str(output)]
 
 
@@ -392,14 +370,14 @@ def reencode_target(spec: dict, clips: list[Clip], container: str) -> Target:
         raise PlanError("invalid_input", "no input has an audio stream")
     width = height = fps = None
     if first_video is not None and not audio_only:
-        width, height = display_size(first_video)
+        width, height = media.display_size(first_video)
         if spec.get("width") and spec.get("height"):
             width, height = spec["width"], spec["height"]
         elif spec.get("height"):
             width, height = _even(width * spec["height"] / height), spec["height"]
         elif spec.get("width"):
             width, height = spec["width"], _even(height * spec["width"] / width)
-        fps = requested_fps(spec["fps"]) if spec.get("fps") else (frame_rate(first_video) or Fraction(30))
+        fps = requested_fps(spec["fps"]) if spec.get("fps") else (media.frame_rate(first_video) or Fraction(30))
     sample_rate = layout = None
     if first_audio is not None:
         sample_rate = int(first_audio.get("sample_rate") or 48000)
@@ -449,7 +427,7 @@ def reencode_graph(clips: list[Clip], target: Target) -> tuple[str, float]:
         if target.has_video:
             size = f"{target.width}:{target.height}"
             if clip.video is not None:
-                square = "" if sample_aspect_ratio(clip.video) == 1 else "scale=w=trunc(iw*sar/2)*2:h=ih,setsar=1,"
+                square = "" if media.sample_aspect_ratio(clip.video) == 1 else "scale=w=trunc(iw*sar/2)*2:h=ih,setsar=1,"
                 chains.append(
                     f"[{index}:v:0]setpts=PTS-({start})/TB,{square}"
                     f"scale=w={target.width}:h={target.height}:force_original_aspect_ratio=decrease"
@@ -492,7 +470,7 @@ def reencode_args(
     graph, duration = reencode_graph(clips, target)
     args = []
     for clip in clips:
-        args += kinds.input_args(clip.path)
+        args += input_args(clip.path)
     args += ["-filter_complex", graph]
     video_encoder, default_crf, audio_args = ENCODERS[container]
     if target.has_video:
@@ -529,3 +507,7 @@ def _shown(value) -> str:
         return "/".join(str(v) for v in value if v) or "unspecified"
     text = str(value)
     return text[:23] + "…" if len(text) > 24 else text
+
+
+check = field_check(inputs=("inputs",), outputs={"output": CONCAT_SUFFIXES})
+KIND = Kind(NAME, ConcatRequestSchema, check, plan_job)

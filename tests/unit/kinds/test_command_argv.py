@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from ffworker import kinds, paths, rawcommand
+from ffworker import paths
 from ffworker.config import Settings
-from ffworker.kinds import PlanError
-from ffworker.rawcommand import CommandRefused, check_filtergraph, filter_options, get_token, parse, parse_filtergraph
+from ffworker.kinds import command
+from ffworker.kinds.base import INPUT_FORMATS, Output, PlanError
+from ffworker.kinds.command import CommandRefused, check_filtergraph, filter_options, get_token, parse, parse_filtergraph
 
 LEGITIMATE = [
     (["-i", "in.mp4", "-vf", "scale=160:-2", "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac",
@@ -120,8 +121,8 @@ def test_hostile_argv_is_refused_with_a_reason(args, words):
 
 
 def test_y_and_n_are_accepted_and_left_out():
-    command = parse(["-y", "-n", "-hide_banner", "-i", "in.mp4", "o.mp4"])
-    assert command.items == [("input", "in.mp4"), ("output", "o.mp4")]
+    parsed = parse(["-y", "-n", "-hide_banner", "-i", "in.mp4", "o.mp4"])
+    assert parsed.items == [("input", "in.mp4"), ("output", "o.mp4")]
 
 
 # -- the filter graph tokenizer follows libavfilter -----------------------------------------
@@ -188,15 +189,15 @@ def media(tmp_path):
     (["-i", "in.mp4", "-attach", "escape.mp4", "o.mkv"], "outside the media directory"),
     (["-i", "in.mp4", "./in.mp4"], "is also an input"),
 ])
-def test_path_errors_confine_every_path(media, args, words):
-    errors = rawcommand.path_errors(media, {"args": args, "overwrite": "done.mp4" not in args})
+def test_check_confines_every_path(media, args, words):
+    errors = command.check(media, {"args": args, "overwrite": "done.mp4" not in args})
     assert any(words in message for message in errors["args"]), errors
     assert not any(str(media.parent) in message for message in errors["args"])
 
 
-def test_path_errors_accept_confined_paths(media):
-    assert rawcommand.path_errors(media, {"args": ["-i", "in.mp4", "sub/o.mp4"]}) == {}
-    assert rawcommand.path_errors(media, {"args": ["-i", "in.mp4", "done.mp4"], "overwrite": True}) == {}
+def test_check_accepts_confined_paths(media):
+    assert command.check(media, {"args": ["-i", "in.mp4", "sub/o.mp4"]}) == {}
+    assert command.check(media, {"args": ["-i", "in.mp4", "done.mp4"], "overwrite": True}) == {}
 
 
 # -- the argv the worker runs ----------------------------------------------------------------
@@ -207,14 +208,14 @@ class FakeRun:
         self.root = root
         self.spec = {"args": args}
         self.settings = Settings(allow_raw_commands=allow)
-        self.outputs: list[kinds.Output] = []
+        self.outputs: list[Output] = []
 
     def input(self, user_path):
         return paths.input_path(self.root, user_path)
 
     def output(self, user_path, suffixes=None):
         final = paths.output_path(self.root, user_path, overwrite=False, suffixes=suffixes)
-        output = kinds.Output(user_path, final, paths.temp_path_for(final, "job", 1))
+        output = Output(user_path, final, paths.temp_path_for(final, "job", 1))
         self.outputs.append(output)
         return output
 
@@ -222,10 +223,10 @@ class FakeRun:
 def test_plan_confines_inputs_whitelists_formats_and_writes_temp_outputs(media):
     run = FakeRun(media, ["-n", "-ss", "1", "-i", "in.mp4", "-f", "lavfi", "-i", "anullsrc", "-map", "0:v",
                           "-map", "1:a", "-shortest", "-c:v", "copy", "out/o.mp4"])
-    plan = rawcommand.plan_job(run)
+    plan = command.plan_job(run)
     temp = media / "out" / ".ffwtmp.job.1.o.mp4"
     assert plan.args == [
-        "-y", "-ss", "1", "-format_whitelist", kinds.INPUT_FORMATS, "-i", str(media / "in.mp4"),
+        "-y", "-ss", "1", "-format_whitelist", INPUT_FORMATS, "-i", str(media / "in.mp4"),
         "-f", "lavfi", "-format_whitelist", "lavfi", "-i", "anullsrc",
         "-map", "0:v", "-map", "1:a", "-shortest", "-c:v", "copy", str(temp),
     ]
@@ -235,11 +236,11 @@ def test_plan_confines_inputs_whitelists_formats_and_writes_temp_outputs(media):
 
 def test_a_worker_without_the_setting_refuses_to_run_a_command(media):
     with pytest.raises(PlanError) as raised:
-        rawcommand.plan_job(FakeRun(media, ["-i", "in.mp4", "o.mp4"], allow=False))
+        command.plan_job(FakeRun(media, ["-i", "in.mp4", "o.mp4"], allow=False))
     assert raised.value.code == "command_disabled" and "FFWORKER_ALLOW_RAW_COMMANDS" in str(raised.value)
 
 
 def test_the_worker_parses_the_argv_again(media):
     with pytest.raises(PlanError) as raised:
-        rawcommand.plan_job(FakeRun(media, ["-i", "in.mp4", "-vf", "movie=x", "o.mp4"]))
+        command.plan_job(FakeRun(media, ["-i", "in.mp4", "-vf", "movie=x", "o.mp4"]))
     assert raised.value.code == "invalid_request"
