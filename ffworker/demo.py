@@ -18,9 +18,12 @@ import click
 from rich.table import Table
 
 from ffworker import process
-from ffworker.cli import ROOT, api_call, console, err_console, follow
+from ffworker.terminal import api_call, console, err_console, follow
 from ffworker.client import Client
 from ffworker.tenants import TenantError, create_tenant, issue_key
+
+# The checkout the demo runs from: gunicorn's config file and var/log live here.
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(app, port: int, seconds: int) -> None:

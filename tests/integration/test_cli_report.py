@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import text
 
-from ffworker.cli import cli, progress_fields
+from ffworker.cli import cli
+from ffworker.terminal import progress_fields
 
 pytestmark = pytest.mark.integration
 
