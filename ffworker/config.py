@@ -29,6 +29,9 @@ class Settings:
     allow_raw_commands: bool = False
     redispatch_after_s: float = 60.0
     task_queue: str = "ffworker"
+    # Behind a reverse proxy that sets X-Forwarded-Proto: honour it (the dashboard's cookie is
+    # Secure when the proxy says https). Off: only the connection itself decides.
+    trust_proxy: bool = False
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
