@@ -48,6 +48,10 @@
     var line = document.getElementById("chart-line");
     var points = [];
     var started = null;
+    if (jobBox.dataset.started) {  // the run's claim: the chart starts at 0 % there
+      started = Date.parse(jobBox.dataset.started) / 1000;
+      points.push({ t: started, p: 0 });
+    }
     function plot(job) {
       if (job.percent === null || job.percent === undefined || !job.at) { return; }
       var t = Date.parse(job.at) / 1000;
