@@ -42,6 +42,9 @@ def _set_cookie(response, name: str, value: str, max_age: int | None) -> None:
 
 @bp.before_request
 def load_viewer():
+    if request.endpoint == "ui.static":  # the stylesheet and script need no session
+        g.viewer = None
+        return None
     g.viewer = sessions.lookup(services().engine, request.cookies.get(sessions.COOKIE))
     if request.method == "POST" and request.endpoint != "ui.login" and g.viewer is not None:
         if not sessions.tokens_match(request.form.get("csrf_token"), g.viewer.csrf_token):
