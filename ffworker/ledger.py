@@ -24,6 +24,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from ffworker.errors import AlreadyTerminal, FencedOut, JobNotFound, NotClaimable
+from ffworker.errors import NotRetryable
 from ffworker.models import NOTIFY_CHANNEL as CHANNEL, TERMINAL_STATUSES, Job, JobEvent, Tenant
 
 jobs = Job.__table__
@@ -604,3 +605,125 @@ class Ledger:
                     select(events).where(events.c.job_id == job_id).order_by(events.c.id)
                 ).mappings().all()
         return row, [dict(r) for r in rows]
+
+    # -- retry and bulk actions (the dashboard, POST /v1/jobs/{id}/retry) -----------------
+
+    def retry(self, job_id, tenant_id, allowance: int, reason: str = "retried by request") -> Row:
+        """failed | cancelled → queued: the same job again, with ``allowance`` more runs.
+
+        ``attempts`` keeps counting (it is the fencing token); ``max_attempts`` becomes
+        ``attempts + allowance``. ``tenant_id`` None: any tenant's job (operators).
+        Raises JobNotFound (absent or another tenant's) or NotRetryable.
+        """
+        match = [jobs.c.id == job_id]
+        if tenant_id is not None:
+            match.append(jobs.c.tenant_id == tenant_id)
+        statement = _retry_statement(select(jobs.c.id).where(*match))
+        with self._autocommit() as conn:
+            row = conn.execute(statement, {"allowance": allowance, "reason": reason}).mappings().first()
+            if row is None:
+                current = self._get(conn, job_id)
+        if row is not None:
+            return self.get(job_id)
+        if current is None or (tenant_id is not None and current["tenant_id"] != tenant_id):
+            raise JobNotFound(job_id, "job not found")
+        raise NotRetryable(job_id, f"job is {current['status']}: only failed or cancelled jobs can be retried")
+
+    def retry_matching(self, filters: Mapping[str, Any], allowance: int, *, batch: int = 500,
+                       reason: str = "retried by request") -> list:
+        """Retry every failed or cancelled job matching ``filters`` (see ``job_filter``), one
+        statement per batch of ``batch`` jobs; returns the ids of the jobs re-queued."""
+        candidates = (select(jobs.c.id).where(*job_filter(**filters), jobs.c.status.in_(RETRYABLE_STATUSES))
+                      .limit(batch).with_for_update(skip_locked=True))
+        return self._in_batches(_retry_statement(candidates), {"allowance": allowance, "reason": reason}, batch)
+
+    def cancel_matching(self, filters: Mapping[str, Any], *, batch: int = 500,
+                        reason: str = "cancelled by request") -> list:
+        """Cancel every queued or running job matching ``filters``, one statement per batch:
+        queued ones become cancelled at once (with their audit row), running ones are flagged
+        for their worker (which records ``cancelled``). Returns the ids acted on."""
+        was_queued = jobs.c.status == "queued"
+        candidates = (
+            select(jobs.c.id)
+            .where(*job_filter(**filters),
+                   was_queued | and_(jobs.c.status == "running", jobs.c.cancel_requested_at.is_(None)))
+            .limit(batch).with_for_update(skip_locked=True)
+            .cte("candidates")
+        )
+        changed = (
+            update(jobs)
+            .where(jobs.c.id == candidates.c.id, jobs.c.status.in_(("queued", "running")))
+            .values(
+                cancel_requested_at=func.coalesce(jobs.c.cancel_requested_at, func.now()),
+                status=case((was_queued, "cancelled"), else_=jobs.c.status),
+                finished_at=case((was_queued, func.now()), else_=jobs.c.finished_at),
+                error_code=case((was_queued, "cancelled"), else_=jobs.c.error_code),
+                error_message=case((was_queued, bindparam("reason")), else_=jobs.c.error_message),
+                updated_at=func.now(),
+            )
+            .returning(jobs.c.id, jobs.c.status, jobs.c.attempts)
+            .cte("changed")
+        )
+        audit = insert(events).from_select(
+            ["job_id", "from_status", "to_status", "attempt", "reason"],
+            select(changed.c.id, literal("queued"), literal("cancelled"), changed.c.attempts, bindparam("reason"))
+            .where(changed.c.status == "cancelled"),
+        ).returning(func.pg_notify(CHANNEL, func.concat(events.c.job_id, ":status"))).cte("audit")
+        # Running jobs' cancel requests wake their watchers too (a cancelled job's second,
+        # identical NOTIFY in the same transaction is delivered once).
+        statement = select(changed.c.id, func.pg_notify(CHANNEL, func.concat(changed.c.id, ":status"))).add_cte(audit)
+        return self._in_batches(statement, {"reason": reason}, batch)
+
+    def _in_batches(self, statement, params: dict, batch: int) -> list:
+        done: list = []
+        with self._autocommit() as conn:
+            while True:
+                ids = [row[0] for row in conn.execute(statement, params)]
+                done.extend(ids)
+                if len(ids) < batch:
+                    return done
+
+
+RETRYABLE_STATUSES = ("failed", "cancelled")
+
+
+def job_filter(*, tenant_id=None, status=None, kind=None, workspace=None, created_after=None,
+               created_before=None, as_of=None) -> list:
+    """The conditions of a job listing's filters (the REST names); ``as_of``: created no later."""
+    conditions = []
+    for column, value in ((jobs.c.tenant_id, tenant_id), (jobs.c.status, status), (jobs.c.kind, kind),
+                          (jobs.c.workspace, workspace)):
+        if value is not None:
+            conditions.append(column == value)
+    if created_after is not None:
+        conditions.append(jobs.c.created_at > created_after)
+    if created_before is not None:
+        conditions.append(jobs.c.created_at < created_before)
+    if as_of is not None:
+        conditions.append(jobs.c.created_at <= as_of)
+    return conditions
+
+
+def _retry_statement(candidates):
+    """Re-queue the failed or cancelled jobs among ``candidates`` (a SELECT of ids), each with its
+    audit row (from its own previous status) and NOTIFY, as one statement. Binds ``allowance``
+    and ``reason``; returns the re-queued ids."""
+    old = (select(jobs.c.id, jobs.c.status).where(jobs.c.id.in_(candidates.scalar_subquery()))
+           .with_for_update().cte("old"))
+    changed = (
+        update(jobs)
+        .where(jobs.c.id == old.c.id, jobs.c.status.in_(RETRYABLE_STATUSES))
+        .values(
+            status="queued", max_attempts=jobs.c.attempts + bindparam("allowance"),
+            run_after=func.now(), dispatched_at=None, heartbeat_at=None, finished_at=None,
+            cancel_requested_at=None, result=None, updated_at=func.now(),
+            **{column: None for column in PROGRESS_COLUMNS.values()}, progress_at=None,
+        )
+        .returning(jobs.c.id, jobs.c.attempts, old.c.status.label("from_status"))
+        .cte("changed")
+    )
+    audit = insert(events).from_select(
+        ["job_id", "from_status", "to_status", "attempt", "reason"],
+        select(changed.c.id, changed.c.from_status, literal("queued"), changed.c.attempts, bindparam("reason")),
+    ).returning(func.pg_notify(CHANNEL, func.concat(events.c.job_id, ":status"))).cte("audit")
+    return select(changed.c.id).add_cte(audit)
