@@ -13,7 +13,7 @@ from flask_smorest import Blueprint, abort
 
 from ffworker import kinds, paths, sse as live, tenants
 from ffworker.dispatch import dispatch
-from ffworker.errors import AlreadyTerminal, JobNotFound
+from ffworker.errors import AlreadyTerminal, JobNotFound, NotRetryable
 from ffworker.extensions import services
 from ffworker.ledger import IdempotencyConflict
 from ffworker.models import TERMINAL_STATUSES
@@ -228,8 +228,6 @@ def _cancel(job_id):
 
 
 # -- retry ----------------------------------------------------------------------
-
-from ffworker.errors import NotRetryable  # noqa: E402
 
 
 @blp.route("/<uuid:job_id>/retry")
