@@ -130,7 +130,7 @@ def job(engine: Engine, job_id, tenant_id) -> tuple[dict | None, list[dict]]:
             if row is None:
                 return None, []
             trail = _rows(conn.execute(text(
-                "SELECT id, at, from_status, to_status, attempt, worker, reason FROM job_events "
+                "SELECT id, at, from_status, to_status, attempt, actor, worker, reason FROM job_events "
                 "WHERE job_id = :id ORDER BY id"), {"id": job_id}))
     return dict(row), trail
 

@@ -8,7 +8,9 @@ a new job shows within about a second. It sends a ``job`` event for each job who
 changed (``updated_at``), with the row rendered as the page renders it.
 
 An open stream holds a server thread, so it takes one of the process's stream slots
-(the same cap as ``GET /v1/jobs/{id}/events``) and answers 503 when none is free.
+(``ffworker.stream_slots``: the same cap as ``GET /v1/jobs/{id}/events``) and answers
+503 when none is free. It ends like the REST stream (``ffworker.sse``): after the
+maximum duration, or at once when the process drains its streams on shutdown.
 """
 from __future__ import annotations
 
@@ -21,28 +23,30 @@ from typing import Callable, Iterator, Mapping
 from flask import current_app
 
 from ffworker.models import TERMINAL_STATUSES
+from ffworker.sse import KEEPALIVE, RETRY_MS, Events
+from ffworker.stream_slots import Slots, StreamLimits
 from ffworker.ui import queries
 
 log = logging.getLogger("ffworker.ui")
 
 TICK_S = 1.0
 MAX_WATCHED = 200
-RETRY_MS = 2000
 # A job committed just after the page read the list may carry an earlier created_at
 # (its transaction's start): look a little further back, and skip the ids already known.
 SINCE_MARGIN = timedelta(seconds=5)
 
 
-def stream_state():
-    """The process's stream limits and slots (shared with the REST event streams)."""
+def stream_state() -> Events:
+    """The process's listening hub, stream limits and slots (shared with the REST event streams)."""
     return current_app.extensions["ffworker_events"]
 
 
 class PageStream:
     """The body of one ``GET /ui/stream`` response; ``close()`` frees the slot."""
 
-    def __init__(self, engine, slots, limits, ids: list[str], tenant_id, newer: tuple[Mapping, object] | None,
-                 render: Callable[[dict], dict], draining: Callable[[], bool], end_when_terminal: bool) -> None:
+    def __init__(self, engine, slots: Slots, limits: StreamLimits, ids: list[str], tenant_id,
+                 newer: tuple[Mapping, object] | None, render: Callable[[dict], dict],
+                 draining: Callable[[], bool], end_when_terminal: bool) -> None:
         self.engine = engine
         self.slots = slots
         self.limits = limits
@@ -85,7 +89,7 @@ class PageStream:
             if now - started > self.limits.max_duration_s or self.draining():
                 return  # EventSource reconnects and picks up from the rows as they are
             if now - last_write >= self.limits.keepalive_s:
-                yield b": keep-alive\n\n"
+                yield KEEPALIVE
                 last_write = now
             time.sleep(TICK_S)
 

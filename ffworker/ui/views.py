@@ -9,11 +9,12 @@ from urllib.parse import urlencode
 from flask import Response, g, make_response, redirect, render_template, request, stream_with_context, url_for
 from werkzeug.exceptions import HTTPException
 
+from ffworker import kinds
 from ffworker.dispatch import dispatch
 from ffworker.errors import AlreadyTerminal, JobNotFound, NotRetryable
 from ffworker.extensions import services
 from ffworker.ledger import RETRYABLE_STATUSES
-from ffworker.models import JOB_KINDS, JOB_STATUSES, TERMINAL_STATUSES
+from ffworker.models import JOB_STATUSES, TERMINAL_STATUSES
 from ffworker.ui import bp, queries, sessions
 from ffworker.ui.stream import PageStream, stream_state
 
@@ -154,8 +155,8 @@ def _filters(source) -> tuple[dict, dict]:
             raise FilterError(f"status: one of {', '.join(JOB_STATUSES)}")
         filters["status"] = given["status"]
     if "kind" in given:
-        if given["kind"] not in JOB_KINDS:
-            raise FilterError(f"kind: one of {', '.join(JOB_KINDS)}")
+        if kinds.get(given["kind"]) is None:
+            raise FilterError(f"kind: one of {', '.join(kinds.names())}")
         filters["kind"] = given["kind"]
     if "workspace" in given:
         filters["workspace"] = given["workspace"][:64]
@@ -190,7 +191,7 @@ def jobs():
         filters, given = _filters(request.args)
     except FilterError as exc:
         return _page("ui/jobs.html", 400, title="Jobs", error=str(exc), rows=[], given={}, tenants=tenants,
-                     statuses=JOB_STATUSES, kinds=JOB_KINDS, next_url=None, stream_url=None, q="")
+                     statuses=JOB_STATUSES, kinds=kinds.names(), next_url=None, stream_url=None, q="")
     q = request.args.get("q", "").strip()
     id_prefix = None
     if q:
@@ -200,7 +201,7 @@ def jobs():
             id_prefix = queries.id_range(q)
             if id_prefix is None:
                 return _page("ui/jobs.html", 400, title="Jobs", error="search: give a job id or its first characters",
-                             rows=[], given=given, tenants=tenants, statuses=JOB_STATUSES, kinds=JOB_KINDS,
+                             rows=[], given=given, tenants=tenants, statuses=JOB_STATUSES, kinds=kinds.names(),
                              next_url=None, stream_url=None, q=q)
     cursor = request.args.get("cursor")
     before = queries.decode_cursor(cursor) if cursor else None
@@ -213,7 +214,7 @@ def jobs():
     if before is None and not q:  # the first page shows new jobs as they are submitted
         stream_args["since"] = now.isoformat()
     return _page("ui/jobs.html", title="Jobs", rows=rows, given=given, tenants=tenants, statuses=JOB_STATUSES,
-                 kinds=JOB_KINDS, next_url=next_url, stream_url=url_for("ui.stream", **stream_args), q=q,
+                 kinds=kinds.names(), next_url=next_url, stream_url=url_for("ui.stream", **stream_args), q=q,
                  error=None, paged=before is not None)
 
 

@@ -277,6 +277,8 @@ def test_retry_from_the_job_page_requeues_the_same_job_with_a_fresh_allowance(cl
     assert row["max_attempts"] == 1 + settings.max_attempts
     last = ledger.events(failed["id"])[-1]
     assert (last["from_status"], last["to_status"], last["reason"]) == ("failed", "queued", "retried by request")
+    trail = client.get(f"/ui/jobs/{failed['id']}").get_data(as_text=True).split('id="trail"')[1]
+    assert re.findall(r'<td class="actor">(\w+)</td>', trail) == ["api", "worker", "worker", "api"]
 
 
 # -- bulk actions -----------------------------------------------------------------------------------
@@ -379,3 +381,31 @@ def test_rest_retry(client, ledger, settings, tenant, other_tenant):
     assert client.post(f"/v1/jobs/{theirs['id']}/retry", headers=tenant.headers).status_code == 404
     assert client.post(f"/v1/jobs/{uuid.uuid4()}/retry", headers=tenant.headers).status_code == 404
     assert ledger.get(theirs["id"])["status"] == "failed"
+
+
+def test_the_page_stream_takes_a_slot_shared_with_the_rest_streams_and_ends_when_the_process_drains(
+        app, client, ledger, tenant):
+    shown = make_job(ledger, tenant)
+    sign_in(client, tenant.key)
+    state = app.extensions["ffworker_events"]
+    url = f"/ui/stream?ids={shown['id']}"
+    taken = 0
+    while state.slots.try_acquire():  # every slot taken, as by REST event streams
+        taken += 1
+    try:
+        full = client.get(url)
+        assert full.status_code == 503 and full.headers["Retry-After"] == str(state.limits.retry_after_s)
+    finally:
+        for _ in range(taken):
+            state.slots.release()
+    before = state.slots.open
+    response = client.get(url, buffered=False)
+    try:
+        assert state.slots.open == before + 1
+        assert [name for name, _ in read_events(response, 1)] == ["job"]
+        state.hub.draining = True  # what SIGTERM does (listener.drain): the stream ends at its next tick
+        assert b"".join(response.response) == b""
+    finally:
+        state.hub.draining = False
+        response.close()
+    assert state.slots.open == before
