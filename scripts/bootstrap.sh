@@ -60,8 +60,9 @@ fi
 if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
     missing+=(redis-server)
 fi
-# The dashboard's browser tests drive Debian's chromium (Playwright cannot download one here).
-if ! command -v chromium >/dev/null 2>&1; then
+# The dashboard's browser tests drive Debian's chromium at /usr/bin/chromium (Playwright
+# cannot download a browser here, and another chromium on PATH, a snap say, is not that one).
+if [ ! -x /usr/bin/chromium ]; then
     missing+=(chromium)
 fi
 if ! venv_usable; then
