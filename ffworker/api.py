@@ -13,7 +13,7 @@ from flask_smorest import Blueprint, abort
 
 from ffworker import kinds, paths, sse as live, tenants
 from ffworker.dispatch import dispatch
-from ffworker.errors import AlreadyTerminal, JobNotFound
+from ffworker.errors import AlreadyTerminal, JobNotFound, NotRetryable
 from ffworker.extensions import services
 from ffworker.ledger import IdempotencyConflict
 from ffworker.models import TERMINAL_STATUSES
@@ -225,3 +225,24 @@ def _cancel(job_id):
     except AlreadyTerminal as exc:
         abort(409, message=str(exc))
     return present(row)
+
+
+# -- retry ----------------------------------------------------------------------
+
+
+@blp.route("/<uuid:job_id>/retry")
+class JobRetry(MethodView):
+    @blp.response(202, JobSchema)
+    @blp.alt_response(409, description="Only a failed or cancelled job can be retried")
+    def post(self, job_id):
+        """Run a failed or cancelled job again: it goes back to ``queued`` with a fresh allowance of
+        ``FFWORKER_MAX_ATTEMPTS`` runs (``attempts`` keeps counting; ``max_attempts`` grows)."""
+        current = services()
+        try:
+            row = current.ledger.retry(job_id, g.tenant.id, current.settings.max_attempts)
+        except JobNotFound:
+            abort(404, message="job not found")
+        except NotRetryable as exc:
+            abort(409, message=str(exc))
+        dispatch(row["id"])
+        return present(row)

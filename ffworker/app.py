@@ -47,6 +47,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     _register_probes(app)
     _register_metrics(app, settings)
     _register_error_handlers(app)
+    from ffworker import ui  # the dashboard at /ui/
+
+    ui.init_app(app)
     return app
 
 

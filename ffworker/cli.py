@@ -343,6 +343,54 @@ def demo(ctx: Context, port: int, seconds: int) -> None:
     the_demo.run(ctx.app, port, seconds)
 
 
+# -- operators (the dashboard) ----------------------------------------------------
+
+
+@cli.group()
+def operators() -> None:
+    """Operators: dashboard users who see every tenant."""
+
+
+@operators.command("create")
+@click.argument("name")
+@pass_context
+def operators_create(ctx: Context, name: str) -> None:
+    """Create operator NAME; prints its dashboard key alone on the last line."""
+    from ffworker.operators import OperatorError, create_operator
+
+    try:
+        operator, key = create_operator(ctx.services.engine, name)
+    except OperatorError as exc:
+        raise click.ClickException(str(exc))
+    click.echo(f"created operator {operator.name}; sign in at /ui/login")
+    click.echo("operator key (shown once):", err=True)
+    click.echo(key)
+
+
+@operators.command("list")
+@pass_context
+def operators_list(ctx: Context) -> None:
+    """Operators and their keys (prefix only)."""
+    from ffworker.operators import list_operators
+
+    table = Table("operator", "key prefix", "created", "revoked")
+    for row in list_operators(ctx.services.engine):
+        table.add_row(row["name"], row["prefix"], _time(row["created_at"]), _time(row["revoked_at"]))
+    console.print(table)
+
+
+@operators.command("revoke")
+@click.argument("name")
+@pass_context
+def operators_revoke(ctx: Context, name: str) -> None:
+    """Revoke operator NAME's key; its dashboard sessions end at once."""
+    from ffworker.operators import revoke_operator
+
+    if revoke_operator(ctx.services.engine, name) == 0:
+        raise click.ClickException(f"no active operator named {name!r}")
+    click.echo(f"revoked operator {name}")
+
+
 def main() -> None:
     import logging
 

@@ -51,6 +51,9 @@ class Settings:
     allow_raw_commands: bool = False
     redispatch_after_s: float = 60.0
     task_queue: str = "ffworker"
+    # Behind a reverse proxy that sets X-Forwarded-Proto: honour it (the dashboard's cookie is
+    # Secure when the proxy says https). Off: only the connection itself decides.
+    trust_proxy: bool = False
     ffmpeg: str = "ffmpeg"
     ffprobe: str = "ffprobe"
     # None: the web process's threads minus the reserve kept for ordinary requests.

@@ -24,3 +24,7 @@ class FencedOut(LedgerError):
 
 class AlreadyTerminal(LedgerError):
     """The job already completed, failed or was cancelled."""
+
+
+class NotRetryable(LedgerError):
+    """Only a failed or cancelled job can be retried."""

@@ -23,7 +23,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from ffworker.errors import AlreadyTerminal, FencedOut, JobNotFound, NotClaimable
+from ffworker.errors import AlreadyTerminal, FencedOut, JobNotFound, NotClaimable, NotRetryable
 from ffworker.models import NOTIFY_CHANNEL as CHANNEL, TERMINAL_STATUSES, Job, JobEvent, Tenant
 
 jobs = Job.__table__
@@ -144,17 +144,18 @@ def _notice(kind: str) -> ColumnElement:
     return func.pg_notify(CHANNEL, func.concat(jobs.c.id, f":{kind}"))
 
 
-def _transition_statement(change, *, actor: str, from_status: str, reason, to_status=None, worker=None,
+def _transition_statement(change, *, actor: str, from_status, reason, to_status=None, worker=None,
                           audited=None):
     """``change`` (an UPDATE of jobs) with its audit rows and NOTIFYs, as one statement.
 
     One round trip in autocommit instead of BEGIN, UPDATE, INSERT, COMMIT, and no
     transaction left open between them. Every changed row wakes its job's watchers and,
     unless ``audited`` rules it out (a change that kept the status), gets its
-    ``job_events`` row, marked with ``actor``. ``reason``, ``to_status``, ``worker`` and
-    ``audited`` are plain values or functions of the changed row's columns; by default the
-    event records the row's new status and worker. Returns the changed rows (with their
-    tenant's name), or none when ``change`` matched nothing — then nothing else happened.
+    ``job_events`` row, marked with ``actor``. ``from_status``, ``reason``, ``to_status``,
+    ``worker`` and ``audited`` are plain values or functions of the changed row's columns
+    (those of ``jobs``, plus any ``change`` already returns); by default the event records
+    the row's new status and worker. Returns the changed rows (with their tenant's name),
+    or none when ``change`` matched nothing — then nothing else happened.
     """
     changed = change.returning(*jobs.c, _notice("status").label("notified")).cte("changed")
 
@@ -163,7 +164,7 @@ def _transition_statement(change, *, actor: str, from_status: str, reason, to_st
         return given(changed.c) if callable(given) else literal(given)
 
     rows = select(
-        changed.c.id, literal(from_status), value(to_status, lambda row: row.status), changed.c.attempts,
+        changed.c.id, value(from_status), value(to_status, lambda row: row.status), changed.c.attempts,
         value(worker, lambda row: row.worker), value(reason), literal(actor),
     )
     if audited is not None:
@@ -262,15 +263,15 @@ _RECORD_CANCELLED = _transition_statement(
 )
 
 
-def _request_cancel_statement():
+def _cancel_statement(*match):
     """queued → cancelled with its audit row; a running job only gets the flag (its worker
-    stops at its next heartbeat) and the NOTIFY that shows the request to its watchers."""
+    stops at its next heartbeat) and the NOTIFY that shows the request to its watchers.
+    ``match``: which jobs (one by id, or a batch of the dashboard's bulk cancel); binds
+    ``reason``."""
     was_queued = jobs.c.status == "queued"
     return _transition_statement(
-        # "tenant", not "tenant_id": a bind parameter named after a column would become a SET value.
         update(jobs)
-        .where(jobs.c.id == bindparam("job_id"), jobs.c.tenant_id == bindparam("tenant"),
-               jobs.c.status.in_(("queued", "running")))
+        .where(*match, jobs.c.status.in_(("queued", "running")))
         .values(
             cancel_requested_at=func.coalesce(jobs.c.cancel_requested_at, func.now()),
             status=case((was_queued, "cancelled"), else_=jobs.c.status),
@@ -285,7 +286,43 @@ def _request_cancel_statement():
     )
 
 
-_REQUEST_CANCEL = _request_cancel_statement()
+# "tenant", not "tenant_id": a bind parameter named after a column would become a SET value.
+_REQUEST_CANCEL = _cancel_statement(jobs.c.id == bindparam("job_id"), jobs.c.tenant_id == bindparam("tenant"))
+
+RETRYABLE_STATUSES = ("failed", "cancelled")
+RETRY_REASON = "retried by request"
+
+
+def _retry_statement(chosen):
+    """failed | cancelled → queued for the jobs ``chosen`` selects (their ids, locked), each
+    with its audit row and NOTIFY. The same job runs again: ``attempts`` keeps counting (it
+    is the fencing token, and the next claim must not reuse a finished run's number),
+    ``max_attempts`` becomes ``attempts + allowance``; the previous error stays until the
+    next run ends. Binds ``allowance``."""
+    old = chosen.add_columns(jobs.c.status).cte("old")
+    return _transition_statement(
+        update(jobs)
+        .where(jobs.c.id == old.c.id, jobs.c.status.in_(RETRYABLE_STATUSES))
+        .values(
+            status="queued", max_attempts=jobs.c.attempts + bindparam("allowance"),
+            run_after=func.now(), dispatched_at=None, heartbeat_at=None, finished_at=None,
+            cancel_requested_at=None, result=None, updated_at=func.now(), progress_at=None,
+            **{column: None for column in PROGRESS_COLUMNS.values()},
+        )
+        # RETURNING gives the new row; the status it left comes from the locked read.
+        .returning(old.c.status.label("retried_from")),
+        actor="api", from_status=lambda row: row.retried_from, to_status="queued", worker=lambda row: null(),
+        reason=RETRY_REASON,
+    )
+
+
+# "tenant_match", not "tenant_id": see _REQUEST_CANCEL. NULL: an operator's retry, any tenant.
+_RETRY = _retry_statement(
+    select(jobs.c.id)
+    .where(jobs.c.id == bindparam("job_id"), jobs.c.status.in_(RETRYABLE_STATUSES),
+           bindparam("any_tenant", type_=Boolean) | (jobs.c.tenant_id == bindparam("tenant_match")))
+    .with_for_update()
+)
 
 
 def _reap_statement():
@@ -604,3 +641,75 @@ class Ledger:
                     select(events).where(events.c.job_id == job_id).order_by(events.c.id)
                 ).mappings().all()
         return row, [dict(r) for r in rows]
+
+    # -- retry and bulk actions (the dashboard, POST /v1/jobs/{id}/retry) -----------------
+
+    def retry(self, job_id, tenant_id, allowance: int) -> Row:
+        """failed | cancelled → queued: the same job again, with ``allowance`` more runs.
+
+        ``tenant_id`` None: any tenant's job (an operator). One statement; only when it
+        matched nothing does a read say why: JobNotFound (absent or another tenant's) or
+        NotRetryable.
+        """
+        params = {"job_id": job_id, "any_tenant": tenant_id is None, "tenant_match": tenant_id,
+                  "allowance": allowance}
+        with self._autocommit() as conn:
+            row = conn.execute(_RETRY, params).mappings().first()
+            if row is not None:
+                return dict(row)
+            current = self._get(conn, job_id)
+        if current is None or (tenant_id is not None and current["tenant_id"] != tenant_id):
+            raise JobNotFound(job_id, "job not found")
+        raise NotRetryable(job_id, f"job is {current['status']}: only failed or cancelled jobs can be retried")
+
+    def retry_matching(self, filters: Mapping[str, Any], allowance: int, *, batch: int = 500) -> list:
+        """Retry every failed or cancelled job matching ``filters`` (see ``job_filter``), one
+        statement per batch of ``batch`` jobs; returns the ids of the jobs re-queued. Rows
+        another transaction holds are skipped, not waited for."""
+        chosen = (select(jobs.c.id).where(*job_filter(**filters), jobs.c.status.in_(RETRYABLE_STATUSES))
+                  .limit(batch).with_for_update(skip_locked=True))
+        return self._in_batches(_retry_statement(chosen), {"allowance": allowance}, batch)
+
+    def cancel_matching(self, filters: Mapping[str, Any], *, batch: int = 500,
+                        reason: str = "cancelled by request") -> list:
+        """Cancel every queued or running job matching ``filters``, one statement per batch:
+        queued ones become cancelled at once (with their audit row), running ones are flagged
+        for their worker (which records ``cancelled``). Returns the ids acted on."""
+        chosen = (
+            select(jobs.c.id)
+            .where(*job_filter(**filters),
+                   (jobs.c.status == "queued")
+                   | and_(jobs.c.status == "running", jobs.c.cancel_requested_at.is_(None)))
+            .limit(batch).with_for_update(skip_locked=True)
+            .cte("chosen")
+        )
+        return self._in_batches(_cancel_statement(jobs.c.id == chosen.c.id), {"reason": reason}, batch)
+
+    def _in_batches(self, statement, params: dict, batch: int) -> list:
+        """Run ``statement`` until a batch comes back short: each run acts on rows the
+        previous ones left (re-queued, cancelled or flagged rows no longer match)."""
+        done: list = []
+        with self._autocommit() as conn:
+            while True:
+                ids = [row.id for row in conn.execute(statement, params)]
+                done.extend(ids)
+                if len(ids) < batch:
+                    return done
+
+
+def job_filter(*, tenant_id=None, status=None, kind=None, workspace=None, created_after=None,
+               created_before=None, as_of=None) -> list:
+    """The conditions of a job listing's filters (the REST names); ``as_of``: created no later."""
+    conditions = []
+    for column, value in ((jobs.c.tenant_id, tenant_id), (jobs.c.status, status), (jobs.c.kind, kind),
+                          (jobs.c.workspace, workspace)):
+        if value is not None:
+            conditions.append(column == value)
+    if created_after is not None:
+        conditions.append(jobs.c.created_at > created_after)
+    if created_before is not None:
+        conditions.append(jobs.c.created_at < created_before)
+    if as_of is not None:
+        conditions.append(jobs.c.created_at <= as_of)
+    return conditions
+

@@ -216,3 +216,47 @@ class JobTransitionTotal(Base):
             unique=True, postgresql_nulls_not_distinct=True,
         ),
     )
+
+
+# -- the dashboard: operators and sign-in sessions ---------------------------------------
+
+
+class Operator(Base):
+    """People who run the service: they see every tenant's jobs in the dashboard.
+
+    The key is shown once (``manage.py operators create NAME``) and stored only as its
+    SHA-256, like tenants' API keys.
+    """
+
+    __tablename__ = "operators"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True, server_default=func.gen_random_uuid())
+    name: Mapped[str] = mapped_column(Text, unique=True)
+    prefix: Mapped[str] = mapped_column(Text)
+    key_sha256: Mapped[str] = mapped_column(Text, unique=True)
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    revoked_at: Mapped[datetime | None] = mapped_column(TZ)
+
+
+class UiSession(Base):
+    """A dashboard sign-in. The browser's cookie holds a random session id; this row holds its
+    SHA-256 and whom it signed in (a tenant's API key, or an operator), never a key."""
+
+    __tablename__ = "ui_sessions"
+
+    id_sha256: Mapped[str] = mapped_column(Text, primary_key=True)
+    api_key_id: Mapped[uuid.UUID | None] = mapped_column(UUID, ForeignKey("api_keys.id", ondelete="CASCADE"))
+    operator_id: Mapped[uuid.UUID | None] = mapped_column(UUID, ForeignKey("operators.id", ondelete="CASCADE"))
+    csrf_token: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    expires_at: Mapped[datetime] = mapped_column(TZ, index=True)
+
+    __table_args__ = (
+        CheckConstraint("(api_key_id IS NULL) <> (operator_id IS NULL)", name="one_principal"),
+    )
+
+
+# The dashboard's listings across tenants (operators): newest first, optionally by status.
+Index("ix_jobs_created", Job.__table__.c.created_at.desc(), Job.__table__.c.id.desc())
+Index("ix_jobs_status_created", Job.__table__.c.status, Job.__table__.c.created_at.desc(),
+      Job.__table__.c.id.desc())

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepare a Debian machine for ffworker development, tests and demos.
 #
-# Installs missing system packages (ffmpeg, PostgreSQL, Redis, python3-venv),
+# Installs missing system packages (ffmpeg, PostgreSQL, Redis, python3-venv, chromium),
 # starts PostgreSQL and Redis when they are not answering, creates the
 # database role and the `ffworker` database for the default
 # FFWORKER_DATABASE_URL, builds .venv, installs the package with its test
@@ -60,6 +60,11 @@ fi
 if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
     missing+=(redis-server)
 fi
+# The dashboard's browser tests drive Debian's chromium at /usr/bin/chromium (Playwright
+# cannot download a browser here, and another chromium on PATH, a snap say, is not that one).
+if [ ! -x /usr/bin/chromium ]; then
+    missing+=(chromium)
+fi
 if ! venv_usable; then
     if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
         missing+=(python3-venv)
@@ -72,7 +77,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y -q --no-install-recommends "${missing[@]}"
 else
-    step "system packages already installed (ffmpeg, postgresql, redis-server)"
+    step "system packages already installed (ffmpeg, postgresql, redis-server, chromium)"
 fi
 
 # -------------------------------------------------------------- PostgreSQL --

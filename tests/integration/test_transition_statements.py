@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 
-from ffworker.errors import AlreadyTerminal, FencedOut, JobNotFound
+from ffworker.errors import AlreadyTerminal, FencedOut, JobNotFound, NotRetryable
 from ffworker.metrics import Metrics
 from ffworker.models import NOTIFY_CHANNEL
 
@@ -144,3 +144,80 @@ def test_stale_has_one_definition_that_the_reaper_metrics_and_report_share(engin
     (stuck,) = [sample.value for family in text_string_to_metric_families(body.decode())
                 for sample in family.samples if sample.name == "ffworker_jobs_stuck" and sample.labels["kind"] == "probe"]
     assert reaper == report == {ids["stale"]} and stuck == 1
+
+
+# -- retry and bulk actions (the dashboard, POST /v1/jobs/{id}/retry) ------------------------
+
+
+def failed_job(ledger, tenant) -> dict:
+    job = new_job(ledger, tenant, max_attempts=1)
+    ledger.fail(job["id"], ledger.claim(job["id"], "w").token, code="invalid_input", message="not media")
+    return job
+
+
+def test_a_retry_is_one_statement_with_its_api_event_and_notice(engine, ledger, tenant, other_tenant, listener):
+    failed = failed_job(ledger, tenant)
+    listener()
+    with statements(engine) as sent:
+        row = ledger.retry(failed["id"], tenant.id, 3)
+    assert len(sent) == 1
+    # The same job; attempts keeps counting (the fencing token), the allowance is fresh.
+    assert (row["id"], row["status"], row["attempts"], row["max_attempts"]) == (failed["id"], "queued", 1, 4)
+    assert row["tenant_name"] == "acme" and row["finished_at"] is None and row["run_after"] is not None
+    last = ledger.events(failed["id"])[-1]
+    assert (last["from_status"], last["to_status"], last["attempt"], last["worker"], last["reason"], last["actor"]) \
+        == ("failed", "queued", 1, None, "retried by request", "api")
+    assert listener() == [f"{failed['id']}:status"]
+
+    cancelled = new_job(ledger, tenant)
+    ledger.request_cancel(cancelled["id"], tenant.id)
+    assert ledger.retry(cancelled["id"], None, 3)["status"] == "queued"  # None: an operator, any tenant
+    assert [(e["from_status"], e["to_status"], e["actor"]) for e in ledger.events(cancelled["id"])][-1] \
+        == ("cancelled", "queued", "api")
+
+
+def test_a_refused_retry_reads_once_to_say_why_and_changes_nothing(engine, ledger, tenant, other_tenant, listener):
+    queued = new_job(ledger, tenant)
+    theirs = failed_job(ledger, other_tenant)
+    listener()
+    with statements(engine) as sent, pytest.raises(NotRetryable):
+        ledger.retry(queued["id"], tenant.id, 3)
+    assert len(sent) == 2
+    with pytest.raises(JobNotFound):
+        ledger.retry(theirs["id"], tenant.id, 3)
+    assert ledger.get(theirs["id"])["status"] == "failed" and listener() == []
+
+
+def test_bulk_retry_and_cancel_are_one_statement_per_batch_each_row_audited_as_the_api(
+        engine, ledger, tenant, other_tenant, clean_ledger, listener):
+    failed = [failed_job(ledger, tenant) for _ in range(3)]
+    theirs = failed_job(ledger, other_tenant)
+    listener()
+    with statements(engine) as sent:
+        ids = ledger.retry_matching({"tenant_id": tenant.id}, 2, batch=2)
+    assert len(sent) == 2  # a full batch of 2, then the last one
+    assert sorted(map(str, ids)) == sorted(str(j["id"]) for j in failed)
+    assert sorted(listener()) == sorted(f"{j['id']}:status" for j in failed)
+    for job in failed:
+        row, last = ledger.get(job["id"]), ledger.events(job["id"])[-1]
+        assert (row["status"], row["attempts"], row["max_attempts"]) == ("queued", 1, 3)
+        assert (last["from_status"], last["to_status"], last["reason"], last["actor"]) \
+            == ("failed", "queued", "retried by request", "api")
+    assert ledger.get(theirs["id"])["status"] == "failed"
+
+    running = new_job(ledger, tenant)
+    ledger.claim(running["id"], "w")
+    listener()
+    with statements(engine) as sent:
+        ids = ledger.cancel_matching({"tenant_id": tenant.id})
+    assert len(sent) == 1
+    assert sorted(map(str, ids)) == sorted(str(j["id"]) for j in [*failed, running])
+    assert sorted(listener()) == sorted(f"{j['id']}:status" for j in [*failed, running])
+    for job in failed:
+        last = ledger.events(job["id"])[-1]
+        assert (last["from_status"], last["to_status"], last["reason"], last["actor"]) \
+            == ("queued", "cancelled", "cancelled by request", "api")
+    flagged = ledger.get(running["id"])
+    assert flagged["status"] == "running" and flagged["cancel_requested_at"] is not None
+    assert ledger.events(running["id"])[-1]["to_status"] == "running"  # a request, not a transition
+    assert ledger.cancel_matching({"tenant_id": tenant.id}) == []  # the flagged job is not asked twice
