@@ -419,10 +419,10 @@ class Ledger:
             try:
                 with self._autocommit() as conn:
                     row = conn.execute(_CLAIM, params).mappings().first()
-                    if row is None:
+                    if row is None and attempt > 0:  # did the try whose reply was lost commit?
                         row = self._own_claim(conn, job_id, params["claim_id"])
-                        if row is None:
-                            raise self._not_claimable(conn, job_id)
+                    if row is None:
+                        raise self._not_claimable(conn, job_id)
                 return Claim(job=dict(row), token=row["attempts"])
             except OperationalError as exc:
                 if not exc.connection_invalidated or attempt == CLAIM_RECOVERY_ATTEMPTS - 1:
