@@ -261,8 +261,10 @@ class JobRun:
         except FencedOut:
             return self.stopped("fenced")
         self.final_row = row
-        self.log("failed" if row["status"] == "failed" else "retry", code=failure.code, message=failure.message)
-        return "failed" if row["status"] == "failed" else "retry"
+        # A cancel requested before the failure ends the job cancelled (ledger.fail decides).
+        outcome = {"queued": "retry", "cancelled": "cancelled"}.get(row["status"], "failed")
+        self.log(outcome, code=failure.code, message=failure.message)
+        return outcome
 
     # -- the planner's context (ffworker.kinds.base.RunContext) ---------------
 

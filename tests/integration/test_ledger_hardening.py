@@ -18,6 +18,7 @@ from ffworker import db as ffdb
 from ffworker.errors import JobBusy, NotClaimable
 from ffworker.ledger import CANCEL_LOCK_WAIT_MS, Ledger
 from ffworker.maintenance import reaper
+from ffworker.worker import JobRun, RunFailure, RunReport
 
 from tests.helpers import wait_until
 from tests.integration.test_ledger import backdate, new_job, transitions
@@ -45,6 +46,16 @@ def test_a_cancel_requested_before_the_run_fails_ends_cancelled(ledger, tenant, 
     assert (event["to_status"], event["actor"]) == ("cancelled", "worker")
     assert event["reason"] == f"cancel requested; the run ended with {code}: it broke"
     assert event["stderr_tail"] == "last words"
+
+
+def test_a_run_failing_transiently_after_a_cancel_reports_cancelled_not_retry(settings, ledger, tenant):
+    job = new_job(ledger, tenant, max_attempts=3)
+    run = JobRun(ledger.claim(job["id"], "w1"), ledger, settings)
+    ledger.request_cancel(job["id"], tenant.id)
+    # What the run does when ffmpeg dies by a signal before its next heartbeat saw the cancel.
+    outcome = run.failed(RunFailure("ffmpeg_killed", "ffmpeg was killed by signal 9", retryable=True))
+    assert (outcome, run.final_row["status"]) == ("cancelled", "cancelled")
+    assert RunReport(outcome, run.final_row).retry_in_s is None  # so no message is published again
 
 
 def test_no_write_can_leave_a_queued_job_with_a_pending_cancel(engine, ledger, tenant):
