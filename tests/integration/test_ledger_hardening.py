@@ -112,7 +112,8 @@ class ReplyDroppingProxy:
     """A loopback TCP proxy to PostgreSQL. Once armed with a marker, it forwards the next
     client message containing the marker, waits until the server's reply is complete
     (ReadyForQuery: the statement has committed in autocommit) and then closes both sides
-    without forwarding a byte of that reply."""
+    without forwarding a byte of that reply. Armed with ``before_server=True`` it closes
+    both sides instead of forwarding that message at all."""
 
     READY_FOR_QUERY = b"Z\x00\x00\x00\x05"
 
@@ -121,12 +122,14 @@ class ReplyDroppingProxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.marker: bytes | None = None
+        self.before_server = False
         self.dropped = threading.Event()
         self._lock = threading.Lock()
         self._closing = False
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def arm(self, marker: bytes) -> None:
+    def arm(self, marker: bytes, *, before_server: bool = False) -> None:
+        self.before_server = before_server
         self.marker = marker
 
     def close(self) -> None:
@@ -150,12 +153,16 @@ class ReplyDroppingProxy:
                 with self._lock:
                     if self.marker is not None and self.marker in data:
                         self.marker = None
+                        if self.before_server:
+                            self.dropped.set()
+                            break
                         state["drop_reply"] = True
                 server.sendall(data)
         except OSError:
             pass
         finally:
             _shut(server)
+            _shut(client)
 
     def _to_client(self, server, client, state) -> None:
         held = b""
@@ -183,16 +190,18 @@ def _shut(sock) -> None:
     sock.close()
 
 
-def test_a_claim_whose_reply_is_lost_after_commit_still_runs_and_burns_no_attempt(settings, engine, tenant):
+@pytest.mark.parametrize("lost", ["reply after commit", "request before the server"])
+def test_a_claim_whose_connection_drops_still_runs_and_burns_no_attempt(settings, engine, tenant, lost):
     proxy = ReplyDroppingProxy("127.0.0.1", make_url(settings.database_url).port or 5432)
     url = make_url(settings.database_url).set(host="127.0.0.1", port=proxy.port, query={"sslmode": "disable"})
     proxied = ffdb.get_engine(url.render_as_string(hide_password=False))
     try:
         ledger = Ledger(proxied)
         job = new_job(ledger, tenant, max_attempts=1)
-        proxy.arm(b"run_after <= now()")  # the claim's guard, in its statement text
+        # The claim's guard, in its statement text.
+        proxy.arm(b"run_after <= now()", before_server=lost == "request before the server")
         claim = ledger.claim(job["id"], "w1")
-        assert proxy.dropped.is_set()  # the reply really was lost
+        assert proxy.dropped.is_set()  # the connection really was dropped
         assert (claim.token, claim.job["status"], claim.job["worker"]) == (1, "running", "w1")
         row = ledger.get(job["id"])
         assert (row["status"], row["attempts"], row["claim_id"]) == ("running", 1, claim.job["claim_id"])
