@@ -92,8 +92,8 @@ def reap(ledger: Ledger, *, stale_after_s: float, grace_s: float, interval_s: fl
                 state.c.last_run_at, state.c.armed_at,
                 (state.c.last_run_at.is_(None)
                  | (state.c.last_run_at < func.now() - seconds(stale_after_s + interval_s))).label("missed_rounds"),
-                # Every running job silent, and silent since before the last arming at the
-                # latest: a silence the grace has not been given to yet.
+                # Every running job silent, in a silence that began after the last arming
+                # (its newest heartbeat is later): one the grace was not given to yet.
                 (is_stale(newest_heartbeat, stale_after_s)
                  & (state.c.last_armed_at.is_(None) | (newest_heartbeat > state.c.last_armed_at))
                  ).label("fleet_silent"),
