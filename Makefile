@@ -7,7 +7,8 @@
 #                    go in PYTEST_ARGS, e.g. make test PYTEST_ARGS='-m "not e2e"'
 #   make bench       setup, then run every executable bench/* script in order
 #   make run-web     the HTTP API under gunicorn on 127.0.0.1:$PORT (default 8000)
-#   make run-worker  a Celery worker
+#   make run-worker  a Celery worker (jobs)
+#   make run-maintenance  the Celery worker of the maintenance queue
 #   make run-beat    the Celery beat scheduler
 #   make clean       remove .venv and var/ (media and other local state)
 #
@@ -23,11 +24,11 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 
-.PHONY: help setup demo test bench run-web run-worker run-beat clean
+.PHONY: help setup demo test bench run-web run-worker run-maintenance run-beat clean
 
 # Print the list of targets above.
 help:
-	@sed -n '3,13s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '3,14s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
 
 # Install and start everything needed, migrate the database.
 setup:
@@ -62,7 +63,11 @@ run-web: | $(STAMP)
 
 # Celery worker (Procfile: worker).
 run-worker: | $(STAMP)
-	$(BIN)/celery -A ffworker.celery_app worker -Q $${FFWORKER_TASK_QUEUE:-ffworker},$${FFWORKER_TASK_QUEUE:-ffworker}.maintenance -O fair --prefetch-multiplier 1 --loglevel INFO
+	$(BIN)/celery -A ffworker.celery_app worker -Q $${FFWORKER_TASK_QUEUE:-ffworker} -O fair --prefetch-multiplier 1 --loglevel INFO
+
+# Celery worker of the maintenance queue (Procfile: maintenance).
+run-maintenance: | $(STAMP)
+	$(BIN)/celery -A ffworker.celery_app worker -Q $${FFWORKER_TASK_QUEUE:-ffworker}.maintenance --concurrency 2 --prefetch-multiplier 1 --loglevel INFO
 
 # Celery beat scheduler (Procfile: beat).
 run-beat: | $(STAMP)

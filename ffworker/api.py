@@ -13,7 +13,7 @@ from flask_smorest import Blueprint, abort
 
 from ffworker import kinds, paths, sse as live, tenants
 from ffworker.dispatch import dispatch
-from ffworker.errors import AlreadyTerminal, JobNotFound, NotRetryable
+from ffworker.errors import AlreadyTerminal, JobBusy, JobNotFound, NotRetryable
 from ffworker.extensions import services
 from ffworker.ledger import IdempotencyConflict
 from ffworker.models import TERMINAL_STATUSES
@@ -147,6 +147,7 @@ class Job(MethodView):
 
     @blp.response(202, JobSchema)
     @blp.alt_response(409, description="The job already ended")
+    @blp.alt_response(503, description="The job's row is held by a stalled session; retry after Retry-After seconds")
     def delete(self, job_id):
         """Cancel the job (same as ``POST /v1/jobs/{id}/cancel``)."""
         return _cancel(job_id)
@@ -156,6 +157,7 @@ class Job(MethodView):
 class JobCancel(MethodView):
     @blp.response(202, JobSchema)
     @blp.alt_response(409, description="The job already ended")
+    @blp.alt_response(503, description="The job's row is held by a stalled session; retry after Retry-After seconds")
     def post(self, job_id):
         """Cancel: a queued job ends at once, a running one within about a second."""
         return _cancel(job_id)
@@ -224,6 +226,8 @@ def _cancel(job_id):
         abort(404, message="job not found")
     except AlreadyTerminal as exc:
         abort(409, message=str(exc))
+    except JobBusy as exc:
+        abort(503, message=str(exc), headers={"Retry-After": "1"})
     return present(row)
 
 

@@ -52,7 +52,8 @@ def maintenance_queue(settings) -> str:
 
 
 def task_routes(settings) -> dict:
-    """Maintenance on its own queue, so it never waits behind the job queue's backlog."""
+    """Maintenance on its own queue, consumed only by the Procfile's ``maintenance`` process:
+    it never waits behind the job queue's backlog, nor for a job process to finish an encode."""
     return {duty.TASK: {"queue": maintenance_queue(settings)} for duty in maintenance.DUTIES}
 
 

@@ -272,14 +272,14 @@ def reap(ctx: Context, dry_run: bool) -> None:
 
     settings = ctx.services.settings
     report = reaper.reap(ctx.services.ledger, stale_after_s=settings.stale_after_s,
-                         grace_s=settings.reaper_grace_s, dry_run=dry_run)
+                         grace_s=settings.reaper_grace_s, interval_s=settings.maintenance_interval_s,
+                         dry_run=dry_run)
     if report.status == "skipped":
         click.echo("another reaper is running this round; nothing done")
         return
     if report.status == "arming":
         verb = "would arm" if dry_run else "armed"
-        click.echo(f"the reaper's previous run is older than {settings.reaper_grace_s:g} s: {verb} the grace period; "
-                   "nothing reaped")
+        click.echo(f"{report.reason}: {verb} the grace period of {settings.reaper_grace_s:g} s; nothing reaped")
         return
     if report.status == "armed":
         click.echo(f"grace period after an outage: reaping resumes at {report.armed_until.isoformat()}")

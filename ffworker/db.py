@@ -5,6 +5,23 @@ import threading
 
 from sqlalchemy import Engine, create_engine
 
+# Server-side limits of every ffworker session (seconds). Every ledger write is one
+# statement that holds its row for milliseconds, so these only ever end something
+# abnormal — above all a "frozen writer": a process stopped (SIGSTOP, swapped out, a
+# debugger) inside an open transaction, whose row lock would otherwise block the
+# reaper and cancel until the process dies.
+#   idle in transaction: the server ends such a session, releasing its locks;
+#   lock wait: a write queued behind a lock gives up instead of queueing for ever;
+#   statement: a runaway query (a report on a huge ledger) cannot hold locks for hours.
+IDLE_IN_TRANSACTION_TIMEOUT_S = 10
+LOCK_TIMEOUT_S = 10
+STATEMENT_TIMEOUT_S = 120
+SESSION_OPTIONS = " ".join((
+    f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_S * 1000}",
+    f"-c lock_timeout={LOCK_TIMEOUT_S * 1000}",
+    f"-c statement_timeout={STATEMENT_TIMEOUT_S * 1000}",
+))
+
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
 
@@ -26,7 +43,7 @@ def get_engine(url: str) -> Engine:
                 # once than pool_size would open and close a connection per request.
                 pool_size=15,
                 max_overflow=0,
-                connect_args={"application_name": "ffworker"},
+                connect_args={"application_name": "ffworker", "options": SESSION_OPTIONS},
             )
             _engines[url] = engine
         return engine

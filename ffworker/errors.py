@@ -15,7 +15,17 @@ class JobNotFound(LedgerError):
 
 
 class NotClaimable(LedgerError):
-    """The job is not queued, or not due yet: a duplicate or early message."""
+    """The job is not queued, or not due yet: a duplicate or early message.
+
+    ``reason`` is ``not_due`` (queued, due in ``due_in_s`` seconds by the database's
+    clock: the message came early and must be sent again), ``not_queued`` (running or
+    ended: a duplicate), or ``absent``.
+    """
+
+    def __init__(self, job_id, message: str, *, reason: str = "not_queued", due_in_s: float | None = None) -> None:
+        super().__init__(job_id, message)
+        self.reason = reason
+        self.due_in_s = due_in_s
 
 
 class FencedOut(LedgerError):
@@ -28,3 +38,7 @@ class AlreadyTerminal(LedgerError):
 
 class NotRetryable(LedgerError):
     """Only a failed or cancelled job can be retried."""
+
+
+class JobBusy(LedgerError):
+    """Another session holds the job's row past the short wait a request allows."""

@@ -12,6 +12,7 @@ anything.
 """
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -23,7 +24,9 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from ffworker.errors import AlreadyTerminal, FencedOut, JobNotFound, NotClaimable, NotRetryable
+from sqlalchemy.exc import OperationalError
+
+from ffworker.errors import AlreadyTerminal, FencedOut, JobBusy, JobNotFound, NotClaimable, NotRetryable
 from ffworker.models import NOTIFY_CHANNEL as CHANNEL, TERMINAL_STATUSES, Job, JobEvent, Tenant
 
 jobs = Job.__table__
@@ -117,6 +120,13 @@ _MARK_DISPATCHED = (
 )
 
 
+# How often a claim whose connection broke is read back (and tried again) before giving up.
+CLAIM_RECOVERY_ATTEMPTS = 4
+# A cancel tries this long for the job's row (ms); see Ledger.request_cancel.
+CANCEL_LOCK_WAIT_MS = 1000
+LOCK_NOT_AVAILABLE = "55P03"
+
+
 class IdempotencyConflict(Exception):
     """The Idempotency-Key was already used by this tenant for a different request."""
 
@@ -145,17 +155,17 @@ def _notice(kind: str) -> ColumnElement:
 
 
 def _transition_statement(change, *, actor: str, from_status, reason, to_status=None, worker=None,
-                          audited=None):
+                          audited=None, stderr_tail=None):
     """``change`` (an UPDATE of jobs) with its audit rows and NOTIFYs, as one statement.
 
     One round trip in autocommit instead of BEGIN, UPDATE, INSERT, COMMIT, and no
     transaction left open between them. Every changed row wakes its job's watchers and,
     unless ``audited`` rules it out (a change that kept the status), gets its
     ``job_events`` row, marked with ``actor``. ``from_status``, ``reason``, ``to_status``,
-    ``worker`` and ``audited`` are plain values or functions of the changed row's columns
-    (those of ``jobs``, plus any ``change`` already returns); by default the event records
-    the row's new status and worker. Returns the changed rows (with their tenant's name),
-    or none when ``change`` matched nothing — then nothing else happened.
+    ``worker``, ``stderr_tail`` and ``audited`` are plain values or functions of the changed
+    row's columns (those of ``jobs``, plus any ``change`` already returns); by default the
+    event records the row's new status and worker. Returns the changed rows (with their
+    tenant's name), or none when ``change`` matched nothing — then nothing else happened.
     """
     changed = change.returning(*jobs.c, _notice("status").label("notified")).cte("changed")
 
@@ -166,11 +176,12 @@ def _transition_statement(change, *, actor: str, from_status, reason, to_status=
     rows = select(
         changed.c.id, value(from_status), value(to_status, lambda row: row.status), changed.c.attempts,
         value(worker, lambda row: row.worker), value(reason), literal(actor),
+        value(stderr_tail, lambda row: null()),
     )
     if audited is not None:
         rows = rows.where(audited(changed.c))
     audit = insert(events).from_select(
-        ["job_id", "from_status", "to_status", "attempt", "worker", "reason", "actor"], rows,
+        ["job_id", "from_status", "to_status", "attempt", "worker", "reason", "actor", "stderr_tail"], rows,
     ).cte("audit")
     tenant_name = select(tenants.c.name).where(tenants.c.id == changed.c.tenant_id).scalar_subquery()
     return select(*(changed.c[column.name] for column in jobs.c), tenant_name.label("tenant_name")).add_cte(audit)
@@ -182,7 +193,9 @@ def _fenced(change):
                         jobs.c.attempts == bindparam("token"))
 
 
-# Built once: every job's run starts with it.
+# Built once: every job's run starts with it. A new attempt starts with no progress and
+# no stderr: what the previous attempt showed would be read as this one's (its stderr
+# tail stays on the audit row that ended it).
 _CLAIM = _transition_statement(
     update(jobs)
     .where(
@@ -193,8 +206,10 @@ _CLAIM = _transition_statement(
     )
     .values(
         status="running", attempts=jobs.c.attempts + 1, worker=bindparam("worker"),
+        claim_id=bindparam("claim_id", type_=jobs.c.claim_id.type),
         started_at=func.now(), heartbeat_at=func.now(), updated_at=func.now(),
-        finished_at=None, error_code=None, error_message=None,
+        finished_at=None, error_code=None, error_message=None, stderr_tail=None,
+        progress_at=None, **{column: None for column in PROGRESS_COLUMNS.values()},
     ),
     actor="worker", from_status="queued", to_status="running", reason="claimed",
 )
@@ -232,21 +247,30 @@ _COMPLETE = _complete_statement()
 
 
 def _fail_statement():
-    """running → queued (a transient failure with attempts left, after the backoff) or failed."""
-    retry = and_(bindparam("retryable", type_=Boolean), jobs.c.attempts < jobs.c.max_attempts)
+    """running → queued (a transient failure with attempts left, after the backoff) or
+    failed; cancelled whatever the failure when a cancel was requested: the user asked
+    the job to end, and a requeued job with a pending cancel is never claimed again."""
+    cancelled = jobs.c.cancel_requested_at.is_not(None)
+    retry = and_(~cancelled, bindparam("retryable", type_=Boolean), jobs.c.attempts < jobs.c.max_attempts)
+    code, message = bindparam("code"), bindparam("message")
     return _transition_statement(
         _fenced(update(jobs))
         .values(
-            status=case((retry, "queued"), else_="failed"),
+            status=case((cancelled, "cancelled"), (retry, "queued"), else_="failed"),
             run_after=case((retry, func.now() + _RETRY_DELAY), else_=jobs.c.run_after),
             finished_at=case((retry, None), else_=func.now()),
             dispatched_at=case((retry, None), else_=jobs.c.dispatched_at),
             heartbeat_at=case((retry, None), else_=jobs.c.heartbeat_at),
-            error_code=bindparam("code"), error_message=bindparam("message"),
+            error_code=case((cancelled, "cancelled"), else_=code),
+            error_message=case((cancelled, "cancelled while running"), else_=message),
             stderr_tail=bindparam("stderr_tail"), updated_at=func.now(),
         ),
         actor="worker", from_status="running",
-        reason=lambda row: func.concat(row.error_code, ": ", row.error_message),
+        # The failure that ended the run stays on the audit row, also when the job ends cancelled.
+        reason=lambda row: case((row.status == "cancelled", func.concat("cancel requested; the run ended with ",
+                                                                        code, ": ", message)),
+                                else_=func.concat(code, ": ", message)),
+        stderr_tail=lambda row: row.stderr_tail,
     )
 
 
@@ -286,8 +310,18 @@ def _cancel_statement(*match):
     )
 
 
-# "tenant", not "tenant_id": a bind parameter named after a column would become a SET value.
-_REQUEST_CANCEL = _cancel_statement(jobs.c.id == bindparam("job_id"), jobs.c.tenant_id == bindparam("tenant"))
+def _request_cancel_statement():
+    """One tenant's cancel of one job, without waiting behind another session's row lock."""
+    # "tenant", not "tenant_id": a bind parameter named after a column would become a SET value.
+    mine = (jobs.c.id == bindparam("job_id"), jobs.c.tenant_id == bindparam("tenant"),
+            jobs.c.status.in_(("queued", "running")))
+    # NOWAIT: a row held by another session raises lock_not_available at once instead of
+    # queueing the request behind it (see Ledger.request_cancel).
+    locked = select(jobs.c.id).where(*mine).with_for_update(nowait=True).scalar_subquery()
+    return _cancel_statement(jobs.c.id == locked, *mine)
+
+
+_REQUEST_CANCEL = _request_cancel_statement()
 
 RETRYABLE_STATUSES = ("failed", "cancelled")
 RETRY_REASON = "retried by request"
@@ -416,12 +450,51 @@ class Ledger:
     # -- a run: claim, heartbeat, finish -----------------------------------
 
     def claim(self, job_id, worker: str) -> Claim:
-        """queued → running, if due and not cancelled. The new attempt is the token."""
-        with self._autocommit() as conn:
-            row = conn.execute(_CLAIM, {"job_id": job_id, "worker": worker}).mappings().first()
-            if row is None:
-                raise NotClaimable(job_id, f"job {job_id} is not claimable ({self._status(conn, job_id)})")
-        return Claim(job=dict(row), token=row["attempts"])
+        """queued → running, if due and not cancelled. The new attempt is the token.
+
+        The claim writes a fresh ``claim_id``. When the connection breaks before the
+        reply arrives, the claim may or may not have committed: the row is read again,
+        and if it carries this claim's id the run is ours (else the claim is tried again,
+        a few times, before the error is raised). A lost reply must not burn an attempt.
+        """
+        params = {"job_id": job_id, "worker": worker, "claim_id": uuid.uuid4()}
+        for attempt in range(CLAIM_RECOVERY_ATTEMPTS):
+            try:
+                with self._autocommit() as conn:
+                    row = conn.execute(_CLAIM, params).mappings().first()
+                    if row is None and attempt > 0:  # did the try whose reply was lost commit?
+                        row = self._own_claim(conn, job_id, params["claim_id"])
+                    if row is None:
+                        raise self._not_claimable(conn, job_id)
+                return Claim(job=dict(row), token=row["attempts"])
+            except OperationalError as exc:
+                if not exc.connection_invalidated or attempt == CLAIM_RECOVERY_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.1 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _own_claim(conn: Connection, job_id, claim_id) -> Row | None:
+        """The job as claimed by ``claim_id``, if that claim committed and still runs."""
+        return conn.execute(
+            select(*_RETURNING).where(jobs.c.id == job_id, jobs.c.claim_id == claim_id, jobs.c.status == "running")
+        ).mappings().first()
+
+    @staticmethod
+    def _not_claimable(conn: Connection, job_id) -> NotClaimable:
+        """Why the claim matched nothing, in the database's own terms (its clock decides "due")."""
+        row = conn.execute(
+            select(jobs.c.status, jobs.c.cancel_requested_at,
+                   func.extract("epoch", jobs.c.run_after - func.now()).label("due_in_s"))
+            .where(jobs.c.id == job_id)
+        ).first()
+        if row is None:
+            return NotClaimable(job_id, f"job {job_id} is not claimable (absent)", reason="absent")
+        if row.status == "queued" and row.cancel_requested_at is None and row.due_in_s > 0:
+            due_in_s = float(row.due_in_s)
+            return NotClaimable(job_id, f"job {job_id} is queued but not due for {due_in_s:.3f} s",
+                                reason="not_due", due_in_s=due_in_s)
+        return NotClaimable(job_id, f"job {job_id} is not claimable ({row.status})")
 
     def heartbeat(
         self, job_id, token: int, progress: Mapping[str, Any] | None = None,
@@ -572,14 +645,31 @@ class Ledger:
         """Queued → cancelled at once; running → flagged for its worker to stop.
 
         One statement; only when it matched nothing does a read say why: JobNotFound
-        (absent or another tenant's) or AlreadyTerminal.
+        (absent or another tenant's) or AlreadyTerminal. The statement does not wait for
+        the job's row: every ledger write holds it for one statement (milliseconds), so
+        a row still held after ``CANCEL_LOCK_WAIT_MS`` of short retries belongs to a
+        frozen session, and the request answers JobBusy rather than queue behind it
+        until the server ends that session (``idle_in_transaction_session_timeout``,
+        ffworker.db).
         """
         params = {"job_id": job_id, "tenant": tenant_id, "reason": reason}
-        with self._autocommit() as conn:
-            row = conn.execute(_REQUEST_CANCEL, params).mappings().first()
-            if row is not None:
-                return dict(row)
-            current = self._get(conn, job_id)
+        give_up_at = time.monotonic() + CANCEL_LOCK_WAIT_MS / 1000
+        pause_s = 0.02
+        while True:
+            try:
+                with self._autocommit() as conn:
+                    row = conn.execute(_REQUEST_CANCEL, params).mappings().first()
+                    if row is not None:
+                        return dict(row)
+                    current = self._get(conn, job_id)
+                break
+            except OperationalError as exc:
+                if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+                    raise
+                if time.monotonic() + pause_s > give_up_at:
+                    raise JobBusy(job_id, "the job is being updated by another session; retry shortly") from None
+                time.sleep(pause_s)
+                pause_s = min(0.2, pause_s * 2)
         if current is None or current["tenant_id"] != tenant_id:
             raise JobNotFound(job_id, "job not found")
         raise AlreadyTerminal(job_id, f"job is already {current['status']}")

@@ -105,6 +105,9 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(TZ)
     finished_at: Mapped[datetime | None] = mapped_column(TZ)
     cancel_requested_at: Mapped[datetime | None] = mapped_column(TZ)
+    # A random id per claim, so a worker whose claim reply was lost can recognise its own
+    # claim on re-reading the row (host:pid alone could be an earlier run of the same pid).
+    claim_id: Mapped[uuid.UUID | None] = mapped_column(UUID)
     # The attempt that began moving its outputs into place. A later attempt of
     # the same job (the earlier one died before recording completion) may
     # replace what that attempt placed: those files are this job's own.
@@ -130,6 +133,10 @@ class Job(Base):
         CheckConstraint(_in_list("status", JOB_STATUSES), name="status_valid"),
         CheckConstraint(_in_list("kind", JOB_KINDS), name="kind_valid"),
         CheckConstraint("attempts >= 0 AND max_attempts >= 1", name="attempts_valid"),
+        # Nothing claims, re-dispatches or reaps a queued job whose cancel was requested:
+        # such a row would wait forever, so no write may produce it.
+        CheckConstraint("NOT (status = 'queued' AND cancel_requested_at IS NOT NULL)",
+                        name="queued_not_cancel_requested"),
         # The tenant's job listing, newest first, keyset-paginated on (created_at, id).
         Index("ix_jobs_tenant_created", "tenant_id", text("created_at DESC"), text("id DESC")),
         Index("ix_jobs_tenant_workspace_created", "tenant_id", "workspace", text("created_at DESC"), text("id DESC")),
@@ -162,6 +169,9 @@ class JobEvent(Base):
     worker: Mapped[str | None] = mapped_column(Text)
     reason: Mapped[str | None] = mapped_column(Text)
     actor: Mapped[str] = mapped_column(Text)
+    # The end of ffmpeg's stderr of the attempt this transition ended (jobs.stderr_tail is
+    # cleared by the next claim; this copy stays).
+    stderr_tail: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         Index("ix_job_events_job_id_id", "job_id", "id"),
@@ -177,6 +187,9 @@ class MaintenanceState(Base):
     name: Mapped[str] = mapped_column(Text, primary_key=True)
     last_run_at: Mapped[datetime | None] = mapped_column(TZ)
     armed_at: Mapped[datetime | None] = mapped_column(TZ)
+    # When the reaper last armed: a silence of the whole fleet arms it only if some
+    # heartbeat came after this moment (one arming per silence).
+    last_armed_at: Mapped[datetime | None] = mapped_column(TZ)
 
 
 class JobTransitionTotal(Base):

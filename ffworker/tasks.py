@@ -14,4 +14,9 @@ def run_job(job_id: str) -> str:
     report = worker.run(job_id, current.ledger, current.settings)
     if report.outcome == "retry":
         dispatch(job_id, countdown=report.retry_in_s)
+    elif report.due_in_s is not None:
+        # The message came before the job was due (a countdown fires on this host's
+        # clock, the claim goes by the database's): send it again for the remaining
+        # delay the database computed, rather than leave the job to the re-dispatcher.
+        dispatch(job_id, countdown=report.due_in_s)
     return report.outcome

@@ -71,6 +71,7 @@ PROBE_BATCH = 32   # inputs probed between two heartbeats
 class RunReport:
     outcome: str                  # skipped, completed, failed, retry, cancelled or lost
     row: dict | None = None       # the job as the run left it, when it wrote last
+    due_in_s: float | None = None # skipped because not due yet: the database's remaining delay
 
     @property
     def retry_in_s(self) -> float | None:
@@ -87,7 +88,7 @@ def run(job_id, ledger: Ledger, settings: Settings) -> RunReport:
     except NotClaimable as exc:
         # This message claimed nothing: there is no attempt of its own to name.
         log.info("job=%s attempt=none event=skipped reason=%r", job_id, str(exc))
-        return RunReport("skipped")
+        return RunReport("skipped", due_in_s=exc.due_in_s)
     job_run = JobRun(claim, ledger, settings)
     outcome = job_run.execute()
     return RunReport(outcome, job_run.final_row)
@@ -260,8 +261,10 @@ class JobRun:
         except FencedOut:
             return self.stopped("fenced")
         self.final_row = row
-        self.log("failed" if row["status"] == "failed" else "retry", code=failure.code, message=failure.message)
-        return "failed" if row["status"] == "failed" else "retry"
+        # A cancel requested before the failure ends the job cancelled (ledger.fail decides).
+        outcome = {"queued": "retry", "cancelled": "cancelled"}.get(row["status"], "failed")
+        self.log(outcome, code=failure.code, message=failure.message)
+        return outcome
 
     # -- the planner's context (ffworker.kinds.base.RunContext) ---------------
 

@@ -6,8 +6,9 @@ thresholds, and its beat entry: ``TASK``, ``SCHEDULE_ENTRY`` and
 the task routes and the beat schedule from ``DUTIES``, so adding a duty means writing
 its module and listing it here.
 
-Maintenance tasks run on their own queue (``<task_queue>.maintenance``) so they never
-wait behind the job queue's backlog.
+Maintenance tasks run on their own queue (``<task_queue>.maintenance``), consumed by a
+process of their own (the Procfile's ``maintenance``), so they never wait behind the job
+queue's backlog nor for busy job processes.
 """
 from __future__ import annotations
 

@@ -15,8 +15,9 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def reaper_running(engine):
     with engine.begin() as conn:
-        conn.execute(text("INSERT INTO maintenance_state (name, last_run_at) VALUES ('reaper', now()) "
-                          "ON CONFLICT (name) DO UPDATE SET last_run_at = now(), armed_at = NULL"))
+        # Ran just now, not armed, and already gave the current silence its grace: it reaps.
+        conn.execute(text("INSERT INTO maintenance_state (name, last_run_at, last_armed_at) VALUES ('reaper', now(), now()) "
+                          "ON CONFLICT (name) DO UPDATE SET last_run_at = now(), armed_at = NULL, last_armed_at = now()"))
 
 
 def test_a_lost_message_is_published_again_and_the_job_completes(worker, app, client, ledger, engine, tenant,

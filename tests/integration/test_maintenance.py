@@ -27,9 +27,10 @@ def reap(ledger, **kwargs):
 
 @pytest.fixture
 def reaper_running(engine, clean_ledger):
-    """A reaper that ran a moment ago and is not armed: it reaps this round."""
+    """A reaper that ran a moment ago and is not armed (it spent its grace on the current
+    silence a moment ago): it reaps this round."""
     with engine.begin() as conn:
-        conn.execute(text("INSERT INTO maintenance_state (name, last_run_at) VALUES ('reaper', now())"))
+        conn.execute(text("INSERT INTO maintenance_state (name, last_run_at, last_armed_at) VALUES ('reaper', now(), now())"))
 
 
 def running_job(ledger, tenant, **overrides):
