@@ -129,6 +129,7 @@ class Jobs(MethodView):
                 priority=common["priority"], metadata=common["metadata"], max_attempts=settings.max_attempts,
                 timeout_s=timeout_s, idempotency_key=idempotency_key,
                 request_sha256=_request_fingerprint(body) if idempotency_key else None,
+                webhook_url=common["webhook_url"],
             )
         except IdempotencyConflict:
             abort(409, message="this Idempotency-Key was already used with a different request body")

@@ -18,7 +18,8 @@ def celery_init_app(app: Flask) -> Celery:
             with app.app_context():
                 return self.run(*args, **kwargs)
 
-    celery = Celery(app.name, task_cls=FlaskTask, include=["ffworker.tasks", "ffworker.maintenance"])
+    celery = Celery(app.name, task_cls=FlaskTask, include=[
+        "ffworker.tasks", "ffworker.maintenance", "ffworker.delivery", "ffworker.webhook_relay"])
     celery.config_from_object("celeryconfig")
     celery.conf.update(
         broker_url=settings.broker_url,
@@ -32,6 +33,8 @@ def celery_init_app(app: Flask) -> Celery:
 
 
 def beat_schedule(settings) -> dict:
+    from ffworker import webhook_relay
+
     interval = settings.maintenance_interval_s
     # Expire each run at the next one: a backlog must not replay stale rounds.
     every = lambda seconds: {"expires": seconds}  # noqa: E731
@@ -41,6 +44,7 @@ def beat_schedule(settings) -> dict:
             "task": "ffworker.maintenance.redispatch", "schedule": interval, "options": every(interval),
         },
         "prune-old-jobs": {"task": "ffworker.maintenance.prune", "schedule": 3600.0, "options": every(3600)},
+        **webhook_relay.schedule(settings),
     }
 
 

@@ -29,6 +29,7 @@ class Settings:
     allow_raw_commands: bool = False
     redispatch_after_s: float = 60.0
     task_queue: str = "ffworker"
+    allow_private_urls: bool = False  # lift the SSRF guard of webhook URLs (ffworker/urlguard.py)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":

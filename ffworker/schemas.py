@@ -11,7 +11,7 @@ from ffworker.config import get_settings
 from ffworker.models import JOB_KINDS, JOB_STATUSES
 
 METADATA_MAX_BYTES = 16 * 1024
-COMMON_FIELDS = ("kind", "priority", "timeout_s", "workspace", "metadata")
+COMMON_FIELDS = ("kind", "priority", "timeout_s", "workspace", "metadata", "webhook_url")
 WORKSPACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*\Z"  # \Z: "$" would also match before a final newline
 
 RelativePath = lambda **kw: fields.String(validate=validate.Length(min=1, max=1024), **kw)  # noqa: E731
@@ -44,6 +44,7 @@ class JobCommonSchema(StrictSchema):
     )
     metadata = fields.Dict(keys=fields.String(), load_default=dict, validate=_metadata_valid)
     overwrite = fields.Boolean(load_default=False)
+    webhook_url = fields.String(load_default=None, allow_none=True, validate=lambda url: _webhook_url_valid(url))
 
 
 class ProbeRequestSchema(JobCommonSchema):
@@ -112,6 +113,16 @@ def _request_media_root():
     from ffworker.worker import tenant_root
 
     return tenant_root(services().settings, g.tenant.name)
+
+
+def _webhook_url_valid(url: str | None) -> None:
+    """A job's webhook_url: http(s), no guarded host named literally (ffworker.urlguard)."""
+    from ffworker import urlguard
+
+    try:
+        urlguard.check_url_literal(url, allow_private=_current_settings().allow_private_urls)
+    except urlguard.BlockedURL as exc:
+        raise ValidationError(str(exc))
 
 
 def _current_settings():
