@@ -62,7 +62,7 @@ run-web: | $(STAMP)
 
 # Celery worker (Procfile: worker).
 run-worker: | $(STAMP)
-	$(BIN)/celery -A ffworker.celery_app worker -Q $${FFWORKER_TASK_QUEUE:-ffworker},$${FFWORKER_TASK_QUEUE:-ffworker}.maintenance -O fair --prefetch-multiplier 1 --loglevel INFO
+	$(BIN)/celery -A ffworker.celery_app worker -Q $${FFWORKER_TASK_QUEUE:-ffworker},$${FFWORKER_TASK_QUEUE:-ffworker}.maintenance,$${FFWORKER_TASK_QUEUE:-ffworker}.webhooks -O fair --prefetch-multiplier 1 --loglevel INFO
 
 # Celery beat scheduler (Procfile: beat).
 run-beat: | $(STAMP)

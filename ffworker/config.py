@@ -51,6 +51,8 @@ class Settings:
     allow_raw_commands: bool = False
     redispatch_after_s: float = 60.0
     task_queue: str = "ffworker"
+    # Lifts the SSRF guard of webhook URLs (ffworker/urlguard.py): for tests and private deployments.
+    allow_private_urls: bool = False
     ffmpeg: str = "ffmpeg"
     ffprobe: str = "ffprobe"
     # None: the web process's threads minus the reserve kept for ordinary requests.

@@ -11,9 +11,9 @@ wait behind the job queue's backlog.
 """
 from __future__ import annotations
 
-from ffworker.maintenance import prune, reaper, redispatch
+from ffworker.maintenance import prune, reaper, redispatch, webhook_relay
 
-DUTIES = (reaper, redispatch, prune)
+DUTIES = (reaper, redispatch, prune, webhook_relay)
 
 
 def modules() -> list[str]:
