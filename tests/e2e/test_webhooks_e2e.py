@@ -136,17 +136,20 @@ def test_a_flushed_broker_delays_a_delivery_but_never_loses_it(
         start_worker, app, settings, client, tenant, ledger, engine, private_ok, receiver):
     add_endpoint(client, tenant, receiver.url(), ["job.completed"])
     complete(ledger, new_job(ledger, tenant)["id"])
+    # No worker runs until the message has been lost and published again: a worker's relay
+    # listener, which starts its rounds at some moment after the worker reports ready, would
+    # otherwise race beat's relay for the backdated delivery.
     with app.app_context():
         assert webhook_relay.task() == 1  # published (no worker consumes it yet)
     purge(app, settings)  # … and the message is lost
-    start_worker()
     with app.app_context():
         assert webhook_relay.task() == 0  # published recently: not yet counted as lost
-    assert receiver.received == []
     with engine.begin() as conn:
         conn.execute(text("UPDATE webhook_deliveries SET published_at = now() - interval '31 s'"))
     with app.app_context():
         assert webhook_relay.task() == 1
+    assert receiver.received == []
+    start_worker()
     (got,) = receiver.wait_for(1, 30)
     assert got.webhook_id == delivery_rows(engine)[0]["webhook_id"]
     wait_until(lambda: delivery_rows(engine)[0]["status"] == "delivered", 10)
