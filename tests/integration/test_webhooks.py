@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import socket
 import uuid
-from datetime import timedelta
 
 import pytest
 from click.testing import CliRunner
