@@ -69,6 +69,10 @@ run-worker: | $(STAMP)
 run-maintenance: | $(STAMP)
 	$(BIN)/celery -A ffworker.celery_app worker -Q $${FFWORKER_TASK_QUEUE:-ffworker}.maintenance --concurrency 2 --prefetch-multiplier 1 --loglevel INFO
 
+# Celery worker of the webhook deliveries (Procfile: webhooks).
+run-webhooks: | $(STAMP)
+	$(BIN)/celery -A ffworker.celery_app worker -Q $${FFWORKER_TASK_QUEUE:-ffworker}.webhooks --concurrency 4 --prefetch-multiplier 1 --loglevel INFO
+
 # Celery beat scheduler (Procfile: beat).
 run-beat: | $(STAMP)
 	$(BIN)/celery -A ffworker.celery_app beat --loglevel INFO

@@ -11,7 +11,7 @@ from flask import Response, current_app, g, request, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint, abort
 
-from ffworker import kinds, paths, sse as live, tenants
+from ffworker import kinds, paths, sse as live, tenants, urlguard
 from ffworker.dispatch import dispatch
 from ffworker.errors import AlreadyTerminal, JobBusy, JobNotFound, NotRetryable
 from ffworker.extensions import services
@@ -64,6 +64,16 @@ def _refuse_by_kind(kind_name: str, spec: dict) -> None:
         abort(422, errors=errors)
 
 
+def _refuse_webhook_url(url: str | None) -> None:
+    """A job's ``webhook_url`` must be one ffworker may connect to (checked again at every attempt)."""
+    if url is None:
+        return
+    try:
+        urlguard.check_url_literal(url, allow_private=services().settings.allow_private_urls)
+    except urlguard.BlockedURL as exc:
+        abort(422, errors={"webhook_url": [str(exc)]})
+
+
 def _request_fingerprint(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -105,6 +115,7 @@ class Jobs(MethodView):
         current = services()
         common, spec = split_request(body)
         _refuse_by_kind(common["kind"], spec)
+        _refuse_webhook_url(common["webhook_url"])
         idempotency_key = request.headers.get("Idempotency-Key") or None
         if idempotency_key is not None and len(idempotency_key) > IDEMPOTENCY_KEY_MAX:
             abort(422, message=f"Idempotency-Key must be at most {IDEMPOTENCY_KEY_MAX} characters")
@@ -116,6 +127,7 @@ class Jobs(MethodView):
                 priority=common["priority"], metadata=common["metadata"], max_attempts=settings.max_attempts,
                 timeout_s=timeout_s, idempotency_key=idempotency_key,
                 request_sha256=_request_fingerprint(body) if idempotency_key else None,
+                webhook_url=common["webhook_url"],
             )
         except IdempotencyConflict:
             abort(409, message="this Idempotency-Key was already used with a different request body")

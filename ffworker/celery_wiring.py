@@ -12,7 +12,7 @@ from celery import Celery, Task
 from celery.signals import worker_process_init, worker_ready
 from flask import Flask
 
-from ffworker import db, maintenance
+from ffworker import db, delivery, maintenance
 
 
 def celery_init_app(app: Flask) -> Celery:
@@ -23,7 +23,8 @@ def celery_init_app(app: Flask) -> Celery:
             with app.app_context():
                 return self.run(*args, **kwargs)
 
-    celery = Celery(app.name, task_cls=FlaskTask, include=["ffworker.tasks", *maintenance.modules()])
+    celery = Celery(app.name, task_cls=FlaskTask,
+                    include=["ffworker.tasks", "ffworker.delivery", *maintenance.modules()])
     celery.config_from_object("celeryconfig")
     celery.conf.update(
         broker_url=settings.broker_url,
@@ -52,9 +53,12 @@ def maintenance_queue(settings) -> str:
 
 
 def task_routes(settings) -> dict:
-    """Maintenance on its own queue, consumed only by the Procfile's ``maintenance`` process:
-    it never waits behind the job queue's backlog, nor for a job process to finish an encode."""
-    return {duty.TASK: {"queue": maintenance_queue(settings)} for duty in maintenance.DUTIES}
+    """Maintenance and webhook deliveries on queues of their own, each consumed by its own
+    Procfile process: maintenance never waits behind the job queue's backlog nor for a job process
+    to finish an encode, and a slow receiver never holds an encoding slot."""
+    routes = {duty.TASK: {"queue": maintenance_queue(settings)} for duty in maintenance.DUTIES}
+    routes[delivery.DELIVER_TASK] = {"queue": delivery.webhooks_queue(settings)}
+    return routes
 
 
 log = logging.getLogger("ffworker.broker")

@@ -114,6 +114,28 @@ def tenants_issue_key(ctx: Context, name: str) -> None:
         raise click.ClickException(str(exc))
 
 
+@tenants.command("webhook-secret")
+@click.argument("name")
+@click.option("--rotate", is_flag=True, help="make a new secret; the previous one keeps signing for 24 h")
+@pass_context
+def tenants_webhook_secret(ctx: Context, name: str, rotate: bool) -> None:
+    """Print tenant NAME's webhook signing secret alone on the last line (created if it has none)."""
+    from ffworker import webhooks
+
+    try:
+        tenant_id = webhooks.tenant_id_by_name(ctx.services.engine, name)
+    except webhooks.NotFound as exc:
+        raise click.ClickException(str(exc))
+    if rotate:
+        rotated = webhooks.rotate_secret(ctx.services.engine, tenant_id)
+        if rotated["previous_expires_at"] is not None:
+            click.echo(f"rotated; the previous secret also signs until {_time(rotated['previous_expires_at'])}",
+                       err=True)
+        click.echo(rotated["secret"])
+    else:
+        click.echo(webhooks.current_secret(ctx.services.engine, tenant_id))
+
+
 @tenants.command("list")
 @pass_context
 def tenants_list(ctx: Context) -> None:

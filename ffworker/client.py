@@ -1,7 +1,10 @@
 """A small Python client for the REST API (used by ``manage.py submit`` and ``jobs``)."""
 from __future__ import annotations
 
+import base64
 import codecs
+import hashlib
+import hmac
 import json
 import os
 import time
@@ -20,6 +23,52 @@ STREAM_READ_TIMEOUT_S = 60.0
 STREAM_RECONNECTS = 10       # consecutive failed or short-lived connections before giving up
 STREAM_SHORT_S = 5.0
 RETRY_AFTER_MAX_S = 30.0
+
+
+WEBHOOK_TOLERANCE_S = 300
+
+
+class WebhookVerificationError(Exception):
+    """A webhook whose signature, or timestamp, does not check out: answer it 400 and drop it."""
+
+
+def verify_webhook(headers, body: bytes | str, secret: str, *, tolerance_s: float = WEBHOOK_TOLERANCE_S,
+                   now: float | None = None) -> dict:
+    """Check a webhook from ffworker (Standard Webhooks) and return its parsed body.
+
+    ``headers``: the request's headers (any mapping; names are matched case-insensitively),
+    ``body``: the raw request body exactly as received, ``secret``: the tenant's ``whsec_…``
+    secret. Raises ``WebhookVerificationError`` when no ``v1`` signature matches or the
+    timestamp is more than ``tolerance_s`` away from now. De-duplicate on ``webhook-id``:
+    a delivery may arrive more than once.
+    """
+    lowered = {str(k).lower(): v for k, v in dict(headers).items()}
+    webhook_id = lowered.get("webhook-id")
+    timestamp = lowered.get("webhook-timestamp")
+    signatures = lowered.get("webhook-signature")
+    if not (webhook_id and timestamp and signatures):
+        raise WebhookVerificationError("missing webhook-id, webhook-timestamp or webhook-signature")
+    try:
+        sent_at = int(timestamp)
+    except ValueError:
+        raise WebhookVerificationError("webhook-timestamp is not an integer") from None
+    if abs((time.time() if now is None else now) - sent_at) > tolerance_s:
+        raise WebhookVerificationError("webhook-timestamp is too old or too far in the future")
+    if isinstance(body, str):
+        body = body.encode()
+    raw = secret[len("whsec_"):] if secret.startswith("whsec_") else secret
+    key = base64.b64decode(raw + "=" * (-len(raw) % 4))
+    expected = hmac.new(key, f"{webhook_id}.{sent_at}.".encode() + body, hashlib.sha256).digest()
+    for candidate in signatures.split():
+        version, _, signature = candidate.partition(",")
+        if version != "v1":
+            continue
+        try:
+            if hmac.compare_digest(expected, base64.b64decode(signature)):
+                return json.loads(body)
+        except ValueError:
+            continue
+    raise WebhookVerificationError("no matching signature")
 
 
 class ApiError(Exception):

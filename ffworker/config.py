@@ -54,6 +54,8 @@ class Settings:
     # Behind a reverse proxy that sets X-Forwarded-Proto: honour it (the dashboard's cookie is
     # Secure when the proxy says https). Off: only the connection itself decides.
     trust_proxy: bool = False
+    # Lifts the SSRF guard of webhook URLs (ffworker/urlguard.py): for tests and private deployments.
+    allow_private_urls: bool = False
     ffmpeg: str = "ffmpeg"
     ffprobe: str = "ffprobe"
     # None: the web process's threads minus the reserve kept for ordinary requests.

@@ -87,7 +87,7 @@ _REAP_OUTCOME = case(
 
 
 _SUBMITTED_COLUMNS = ("id", "tenant_id", "kind", "spec", "workspace", "priority", "metadata", "max_attempts",
-                      "timeout_s", "idempotency_key", "request_sha256")
+                      "timeout_s", "idempotency_key", "request_sha256", "webhook_url")
 
 
 def _submit_statement():
@@ -416,6 +416,7 @@ class Ledger:
         timeout_s: int,
         idempotency_key: str | None = None,
         request_sha256: str | None = None,
+        webhook_url: str | None = None,
     ) -> tuple[Row, bool]:
         """Insert a queued job; returns (job, created).
 
@@ -425,7 +426,7 @@ class Ledger:
         values = dict(
             id=uuid.uuid4(), tenant_id=tenant_id, kind=kind, spec=spec, workspace=workspace,
             priority=priority, metadata=metadata, max_attempts=max_attempts, timeout_s=timeout_s,
-            idempotency_key=idempotency_key, request_sha256=request_sha256,
+            idempotency_key=idempotency_key, request_sha256=request_sha256, webhook_url=webhook_url,
         )
         # One statement in autocommit: one round trip, and the rows the events trigger locks
         # (the transition totals) stay locked while PostgreSQL commits, not across round trips.

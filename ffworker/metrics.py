@@ -28,6 +28,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
 from sqlalchemy import Engine, text
 
+from ffworker import webhooks
 from ffworker.models import JOB_KINDS, TERMINAL_STATUSES
 
 log = logging.getLogger("ffworker.metrics")
@@ -96,6 +97,7 @@ class LedgerCollector:
                     bounds = conn.execute(_BOUNDS).mappings().one()
                     totals = conn.execute(_TOTALS).mappings().all()
                     current = conn.execute(_CURRENT, {"stale_after_s": self.stale_after_s}).mappings().all()
+                    webhook_rows = webhooks.metrics_read(conn)
         except Exception as exc:
             log.warning("event=metrics_scrape_failed error=%s", type(exc).__name__)
             yield GaugeMetricFamily("ffworker_ledger_up", "1 when the ledger answered this scrape", value=0)
@@ -103,6 +105,7 @@ class LedgerCollector:
         yield GaugeMetricFamily("ffworker_ledger_up", "1 when the ledger answered this scrape", value=1)
         yield from self._from_totals(totals, list(bounds["seconds"]), list(bounds["speed"]))
         yield from self._from_current(current)
+        yield from webhooks.metric_families(webhook_rows, list(bounds["seconds"]))
         yield GaugeMetricFamily("ffworker_metrics_scrape_duration_seconds",
                                 "Time this scrape spent reading the ledger", value=time.monotonic() - started)
 

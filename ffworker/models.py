@@ -21,6 +21,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     Text,
+    UniqueConstraint,
     func,
     text,
 )
@@ -112,6 +113,8 @@ class Job(Base):
     # the same job (the earlier one died before recording completion) may
     # replace what that attempt placed: those files are this job's own.
     outputs_placed_attempt: Mapped[int | None] = mapped_column(Integer)
+    # Where this job's terminal event is also sent (a webhook, see ffworker/delivery.py).
+    webhook_url: Mapped[str | None] = mapped_column(Text)
 
     # Progress: rewritten every progress interval, so none of these (nor
     # heartbeat_at/updated_at) may appear in an index: the writes stay HOT.
@@ -273,3 +276,138 @@ class UiSession(Base):
 Index("ix_jobs_created", Job.__table__.c.created_at.desc(), Job.__table__.c.id.desc())
 Index("ix_jobs_status_created", Job.__table__.c.status, Job.__table__.c.created_at.desc(),
       Job.__table__.c.id.desc())
+
+
+# -- webhooks (migration 0008) -------------------------------------------------
+
+WEBHOOK_EVENTS = ("job.started", "job.completed", "job.failed", "job.cancelled")
+DELIVERY_STATUSES = ("pending", "delivered", "failed")
+
+
+class WebhookSecret(Base):
+    """A tenant's signing secrets: the current one (``expires_at`` null) and any rotated
+    out less than a day ago, which keep signing until ``expires_at``."""
+
+    __tablename__ = "webhook_secrets"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True, server_default=func.gen_random_uuid())
+    tenant_id: Mapped[uuid.UUID] = mapped_column(UUID, ForeignKey("tenants.id", ondelete="CASCADE"))
+    secret: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    expires_at: Mapped[datetime | None] = mapped_column(TZ)
+
+    __table_args__ = (
+        Index("uq_webhook_secrets_current", "tenant_id", unique=True, postgresql_where=text("expires_at IS NULL")),
+    )
+
+
+class WebhookEndpoint(Base):
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True, server_default=func.gen_random_uuid())
+    tenant_id: Mapped[uuid.UUID] = mapped_column(UUID, ForeignKey("tenants.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(Text)
+    events: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    workspace: Mapped[str | None] = mapped_column(Text)
+    description: Mapped[str] = mapped_column(Text, server_default="")
+    enabled: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    # The first failed attempt since the last success: 5 days of failures disable the endpoint.
+    failing_since: Mapped[datetime | None] = mapped_column(TZ)
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        CheckConstraint(f"events <@ ARRAY[{', '.join(repr(e) for e in WEBHOOK_EVENTS)}]::text[] "
+                        "AND cardinality(events) >= 1", name="events_valid"),
+        Index("ix_webhook_endpoints_tenant_created", "tenant_id", "created_at"),
+    )
+
+
+class WebhookDelivery(Base):
+    """The outbox: one row per (transition, target), written by the ``job_events`` trigger."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True, server_default=func.gen_random_uuid())
+    tenant_id: Mapped[uuid.UUID] = mapped_column(UUID, ForeignKey("tenants.id", ondelete="CASCADE"))
+    job_id: Mapped[uuid.UUID] = mapped_column(UUID, ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    endpoint_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID, ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str | None] = mapped_column(Text)  # the job's own webhook_url; null for an endpoint's
+    event: Mapped[str] = mapped_column(Text)
+    webhook_id: Mapped[str] = mapped_column(Text, unique=True)
+    event_at: Mapped[datetime] = mapped_column(TZ)
+    job_snapshot: Mapped[dict] = mapped_column(JSONB)
+    status: Mapped[str] = mapped_column(Text, server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    scheduled_attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    current_scheduled: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    next_attempt_at: Mapped[datetime | None] = mapped_column(TZ, server_default=func.now())
+    retry_requested_at: Mapped[datetime | None] = mapped_column(TZ)
+    lease_until: Mapped[datetime | None] = mapped_column(TZ)
+    published_at: Mapped[datetime | None] = mapped_column(TZ)
+    publish_count: Mapped[int] = mapped_column(Integer, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    finished_at: Mapped[datetime | None] = mapped_column(TZ)
+
+    __table_args__ = (
+        CheckConstraint(_in_list("status", DELIVERY_STATUSES), name="status_valid"),
+        CheckConstraint(_in_list("event", WEBHOOK_EVENTS), name="event_valid"),
+        CheckConstraint("(endpoint_id IS NULL) <> (url IS NULL)", name="one_target"),
+        Index("ix_webhook_deliveries_tenant_created", "tenant_id", text("created_at DESC"), text("id DESC")),
+        Index("ix_webhook_deliveries_pending_next", "next_attempt_at", postgresql_where=text("status = 'pending'")),
+        Index("ix_webhook_deliveries_retry_requested", "retry_requested_at",
+              postgresql_where=text("retry_requested_at IS NOT NULL")),
+    )
+
+
+class WebhookAttempt(Base):
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    delivery_id: Mapped[uuid.UUID] = mapped_column(UUID, ForeignKey("webhook_deliveries.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    scheduled: Mapped[bool] = mapped_column(Boolean)
+    started_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    finished_at: Mapped[datetime | None] = mapped_column(TZ)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[float | None] = mapped_column(Double)
+    error_class: Mapped[str | None] = mapped_column(Text)
+    response_excerpt: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (UniqueConstraint("delivery_id", "attempt"),)
+
+
+class WebhookAudit(Base):
+    """Endpoint and secret changes, the automatic disabling of a failing endpoint included."""
+
+    __tablename__ = "webhook_audit"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(UUID, ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    endpoint_id: Mapped[uuid.UUID | None] = mapped_column(UUID)
+    at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    action: Mapped[str] = mapped_column(Text)
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+class WebhookTotal(Base):
+    """Monotonic delivery counters for the metrics (kept when deliveries are pruned).
+
+    ``counter`` is ``attempts`` (outcome: the attempt's result class) or
+    ``deliveries`` (outcome: delivered / failed, with the transition-to-receiver
+    latency of delivered ones in the per-bucket ``seconds_buckets``).
+    """
+
+    __tablename__ = "webhook_totals"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(UUID, ForeignKey("tenants.id", ondelete="CASCADE"))
+    counter: Mapped[str] = mapped_column(Text)
+    outcome: Mapped[str] = mapped_column(Text)
+    total: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    seconds_sum: Mapped[float] = mapped_column(Double, server_default="0")
+    seconds_buckets: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
+
+    __table_args__ = (Index("uq_webhook_totals_key", "tenant_id", "counter", "outcome", unique=True),)

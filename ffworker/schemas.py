@@ -75,6 +75,7 @@ class JobSchema(Schema):
     result = fields.Dict(allow_none=True)
     error = fields.Nested(JobErrorSchema, allow_none=True)
     metadata = fields.Dict()
+    webhook_url = fields.String(allow_none=True)
 
 
 class JobListSchema(Schema):
@@ -109,6 +110,7 @@ def present(row: Mapping) -> dict:
         "result": row["result"] if row["status"] == "completed" else None,
         "error": error,
         "metadata": row["metadata"],
+        "webhook_url": row.get("webhook_url"),
     }
 
 

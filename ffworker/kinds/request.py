@@ -10,7 +10,8 @@ import json
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
 METADATA_MAX_BYTES = 16 * 1024
-COMMON_FIELDS = ("kind", "priority", "timeout_s", "workspace", "metadata")
+COMMON_FIELDS = ("kind", "priority", "timeout_s", "workspace", "metadata", "webhook_url")
+WEBHOOK_URL_MAX = 2048
 WORKSPACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*\Z"  # \Z: "$" would also match before a final newline
 
 RelativePath = lambda **kw: fields.String(validate=validate.Length(min=1, max=1024), **kw)  # noqa: E731
@@ -49,3 +50,9 @@ class JobCommonSchema(StrictSchema):
     )
     metadata = fields.Dict(keys=fields.String(), load_default=dict, validate=_metadata_valid)
     overwrite = fields.Boolean(load_default=False)
+    # Whether the URL may be connected to depends on the server's settings: the API asks
+    # ffworker.urlguard, the one home of that rule, after this schema.
+    webhook_url = fields.String(
+        load_default=None, allow_none=True, validate=validate.Length(min=1, max=WEBHOOK_URL_MAX),
+        metadata={"description": "an http(s) URL that receives this job's terminal event (a signed webhook)"},
+    )

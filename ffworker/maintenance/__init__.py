@@ -12,9 +12,9 @@ queue's backlog nor for busy job processes.
 """
 from __future__ import annotations
 
-from ffworker.maintenance import prune, reaper, redispatch
+from ffworker.maintenance import prune, reaper, redispatch, webhook_relay
 
-DUTIES = (reaper, redispatch, prune)
+DUTIES = (reaper, redispatch, prune, webhook_relay)
 
 
 def modules() -> list[str]:

@@ -49,15 +49,18 @@ def test_every_duty_brings_its_task_its_schedule_entry_and_its_route():
     schedule = beat_schedule(settings)
     routes = task_routes(settings)
     assert [entry["task"] for entry in schedule.values()] == [
-        "ffworker.maintenance.reap", "ffworker.maintenance.redispatch", "ffworker.maintenance.prune"]
+        "ffworker.maintenance.reap", "ffworker.maintenance.redispatch", "ffworker.maintenance.prune",
+        "ffworker.maintenance.webhook_relay"]
     assert schedule["prune-old-jobs"]["schedule"] == schedule["prune-old-jobs"]["options"]["expires"] == 3600
-    assert routes == {entry["task"]: {"queue": "q.maintenance"} for entry in schedule.values()}
+    assert routes == {**{entry["task"]: {"queue": "q.maintenance"} for entry in schedule.values()},
+                      "ffworker.webhooks.deliver": {"queue": "q.webhooks"}}
     assert maintenance.modules() == [
-        "ffworker.maintenance.reaper", "ffworker.maintenance.redispatch", "ffworker.maintenance.prune"]
+        "ffworker.maintenance.reaper", "ffworker.maintenance.redispatch", "ffworker.maintenance.prune",
+        "ffworker.maintenance.webhook_relay"]
 
 
 def test_the_celery_app_includes_the_duties_and_knows_their_tasks(app):
     celery = app.extensions["celery"]
-    assert {"ffworker.tasks", *maintenance.modules()} <= set(celery.conf.include)
+    assert {"ffworker.tasks", "ffworker.delivery", *maintenance.modules()} <= set(celery.conf.include)
     celery.loader.import_default_modules()
-    assert {duty.TASK for duty in maintenance.DUTIES} <= set(celery.tasks)
+    assert {duty.TASK for duty in maintenance.DUTIES} | {"ffworker.webhooks.deliver"} <= set(celery.tasks)

@@ -21,7 +21,7 @@ def test_every_variable_is_read_under_its_documented_name():
         "FFWORKER_MEDIA_ROOT": "/srv/media", "FFWORKER_STALE_AFTER_S": "90", "FFWORKER_REAPER_GRACE_S": "200",
         "FFWORKER_PROGRESS_INTERVAL_S": "0.5", "FFWORKER_JOB_TIMEOUT_S": "60", "FFWORKER_MAX_ATTEMPTS": "5",
         "FFWORKER_RETENTION_DAYS": "7", "FFWORKER_MAINTENANCE_INTERVAL_S": "20", "FFWORKER_ALLOW_RAW_COMMANDS": "yes",
-        "FFWORKER_REDISPATCH_AFTER_S": "30", "FFWORKER_TASK_QUEUE": "media", "FFWORKER_FFMPEG": "/opt/ff/ffmpeg",
+        "FFWORKER_ALLOW_PRIVATE_URLS": "on", "FFWORKER_REDISPATCH_AFTER_S": "30", "FFWORKER_TASK_QUEUE": "media", "FFWORKER_FFMPEG": "/opt/ff/ffmpeg",
         "FFWORKER_FFPROBE": "/opt/ff/ffprobe", "FFWORKER_SSE_MAX_STREAMS": "0", "FFWORKER_SSE_KEEPALIVE_S": "5",
         "FFWORKER_SSE_MAX_DURATION_S": "60", "FFWORKER_WEB_THREADS": "8", "WEB_CONCURRENCY": "2", "PORT": "9000",
         "FFWORKER_TRUST_PROXY": "on",
@@ -30,7 +30,7 @@ def test_every_variable_is_read_under_its_documented_name():
     assert settings == Settings(
         database_url="postgresql+psycopg://u@db/x", broker_url="amqp://guest@mq//", media_root=Path("/srv/media"),
         stale_after_s=90, reaper_grace_s=200, progress_interval_s=0.5, job_timeout_s=60, max_attempts=5,
-        retention_days=7, maintenance_interval_s=20, allow_raw_commands=True, redispatch_after_s=30,
+        retention_days=7, maintenance_interval_s=20, allow_raw_commands=True, allow_private_urls=True, redispatch_after_s=30,
         task_queue="media", ffmpeg="/opt/ff/ffmpeg", ffprobe="/opt/ff/ffprobe", sse_max_streams=0,
         sse_keepalive_s=5, sse_max_duration_s=60, web_threads=8, web_concurrency=2, port=9000, trust_proxy=True,
     )
@@ -59,6 +59,7 @@ def test_an_empty_variable_means_its_default():
     ({"PORT": "70000"}, "PORT=70000 must be a TCP port"),
     ({"FFWORKER_ALLOW_RAW_COMMANDS": "maybe"}, "FFWORKER_ALLOW_RAW_COMMANDS=maybe must be one of 1, true, yes"),
     ({"FFWORKER_TRUST_PROXY": "https"}, "FFWORKER_TRUST_PROXY=https must be one of 1, true, yes"),
+    ({"FFWORKER_ALLOW_PRIVATE_URLS": "sometimes"}, "FFWORKER_ALLOW_PRIVATE_URLS=sometimes must be one of 1, true"),
     ({"FFWORKER_BROKER_URL": "http://u:secret@mq/"},
      "FFWORKER_BROKER_URL=http://u:***@mq/ must use one of the schemes redis, rediss, sentinel, amqp"),
     ({"FFWORKER_DATABASE_URL": "mysql://u:secret@db/x"}, "FFWORKER_DATABASE_URL=mysql://u:***@db/x must be a PostgreSQL"),

@@ -12,7 +12,8 @@ from ffworker.kinds.request import METADATA_MAX_BYTES
 from ffworker.schemas import JobRequestSchema, JobSchema, present, split_request
 from tests.helpers import field_names
 
-COMMON_DEFAULTS = {"priority": 0, "timeout_s": None, "workspace": "default", "metadata": {}, "overwrite": False}
+COMMON_DEFAULTS = {"priority": 0, "timeout_s": None, "workspace": "default", "metadata": {}, "overwrite": False,
+                   "webhook_url": None}
 
 
 def load(body):
@@ -112,7 +113,8 @@ def test_split_request_separates_common_fields_from_the_spec():
     loaded = load({"kind": "transcode", "input": "a.mp4", "output": "b.mp4", "preset": "h264-360p",
                    "workspace": "w", "metadata": {"m": 1}, "priority": 3, "timeout_s": 9})
     common, spec = split_request(loaded)
-    assert common == {"kind": "transcode", "priority": 3, "timeout_s": 9, "workspace": "w", "metadata": {"m": 1}}
+    assert common == {"kind": "transcode", "priority": 3, "timeout_s": 9, "workspace": "w", "metadata": {"m": 1},
+                      "webhook_url": None}
     assert spec == {"input": "a.mp4", "output": "b.mp4", "preset": "h264-360p", "overwrite": False}
 
 

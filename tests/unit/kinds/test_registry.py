@@ -11,7 +11,7 @@ from ffworker.cli import submit
 from ffworker.config import Settings
 from ffworker.kinds import command
 from ffworker.kinds.request import JobCommonSchema
-from ffworker.schemas import JobListArgsSchema, JobRequestSchema
+from ffworker.schemas import JobListArgsSchema, JobRequestSchema, split_request
 
 
 def test_the_ledger_check_constraint_lists_the_registered_kinds():
@@ -59,3 +59,12 @@ def test_field_checks_report_each_field_and_an_output_that_is_an_input(tmp_path:
     assert errors["output"] == ["the output must not be one of the inputs"]
     assert kinds.get("probe").check(tmp_path, {"input": "missing.mp4"}) == {
         "input": ["input 'missing.mp4' does not exist"]}
+
+
+
+def test_every_kind_takes_the_common_webhook_url_and_keeps_it_out_of_the_spec():
+    for name, kind in kinds.KINDS.items():
+        assert "webhook_url" in kind.schema._declared_fields, name
+    loaded = JobRequestSchema().load({"kind": "probe", "input": "a.mp4", "webhook_url": "https://hooks.example.com/x"})
+    common, spec = split_request(loaded)
+    assert common["webhook_url"] == "https://hooks.example.com/x" and spec == {"input": "a.mp4", "overwrite": False}
