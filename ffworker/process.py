@@ -35,10 +35,11 @@ _PR_SET_PDEATHSIG = 1
 class ProbeFailed(Exception):
     """ffprobe could not read the file (missing, unreadable or not media)."""
 
-    def __init__(self, message: str, stderr_tail: str = "", index: int = 0) -> None:
+    def __init__(self, message: str, stderr_tail: str = "", index: int = 0, *, timed_out: bool = False) -> None:
         super().__init__(message)
         self.stderr_tail = stderr_tail
         self.index = index  # which of the paths given to ffprobe_many
+        self.timed_out = timed_out  # killed at its timeout: says nothing about the file
 
 
 def configure(settings) -> None:
@@ -128,7 +129,7 @@ def _probe_result(proc: subprocess.Popen, deadline: float, index: int) -> dict:
     except subprocess.TimeoutExpired:
         kill_group(proc)
         proc.communicate()  # collect what is left and close the pipes
-        raise ProbeFailed("ffprobe timed out", index=index)
+        raise ProbeFailed("ffprobe timed out", index=index, timed_out=True)
     stderr = err.decode("utf-8", "replace")[-STDERR_TAIL_BYTES:]
     if proc.returncode != 0:
         raise ProbeFailed("ffprobe could not read the media", stderr, index=index)
