@@ -44,6 +44,15 @@ class RunFailure(Exception):
         self.stderr_tail = stderr_tail
 
 
+class Beats:
+    """What a step's heartbeat thread saw: ``reason`` to stop ("cancelled" or "fenced"), and
+    ``stop`` set along with it, for a subprocess to be killed at once."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.reason: str | None = None
+
+
 class RunStopped(Exception):
     """The run was told to stop: ``reason`` is "cancelled" or "fenced"."""
 
@@ -245,8 +254,8 @@ class JobRun:
             if self.remaining_s() <= 0:
                 raise self.timed_out()
         if self.outputs:
-            with self.heartbeating():
-                described = [self.describe(output) for output in self.outputs]
+            with self.heartbeating() as beats:
+                described = [self.describe(output, beats=beats) for output in self.outputs]
             result = {"outputs": described, **result}
         return result
 
@@ -309,27 +318,29 @@ class JobRun:
     @contextmanager
     def heartbeating(self):
         """Heartbeat once per progress interval while a long step runs without ffmpeg's
-        ticks (probing, finishing, describing, placing); a cancel or a lost fence seen
-        meanwhile stops the run when the step ends."""
+        ticks (probing, finishing, describing, placing). A cancel or a lost fence seen
+        meanwhile sets the yielded ``Beats.stop`` (ffprobe watches it) and stops the run
+        when the step ends."""
+        beats = Beats()
         done = threading.Event()
-        reasons: list[str] = []
 
         def beat() -> None:
             while not done.wait(self.settings.progress_interval_s):
                 reason = self.tick(None)
                 if reason is not None:
-                    reasons.append(reason)
+                    beats.reason = reason
+                    beats.stop.set()
                     return
 
         beater = threading.Thread(target=beat, name=f"heartbeat-{self.job_id}", daemon=True)
         beater.start()
         try:
-            yield
+            yield beats
         finally:
             done.set()
             beater.join()
-        if reasons:
-            raise RunStopped(reasons[0])
+        if beats.reason is not None:
+            raise RunStopped(beats.reason)
 
     def claim_valid_until(self) -> float:
         """Until when (monotonic) this run's claim can still hold: the reaper takes it
@@ -393,13 +404,13 @@ class JobRun:
         """ffprobe every source (side by side), heartbeating meanwhile, within the job's deadline."""
         if self.remaining_s() <= 0:
             raise self.timed_out()
-        with self.heartbeating():
+        with self.heartbeating() as beats:
             try:
                 return process.ffprobe_many([str(path) for path in sources], timeout_s=self.remaining_s(),
-                                            formats=INPUT_FORMATS, extradata_hash=extradata_hash)
+                                            formats=INPUT_FORMATS, extradata_hash=extradata_hash,
+                                            stop=beats.stop)
             except process.ProbeFailed as exc:
-                if exc.timed_out:  # the job's deadline, not the input, ended the probe
-                    raise self.timed_out(exc.stderr_tail) from None
+                self.raise_if_not_about_the_file(exc, beats)
                 raise
 
     def output(self, user_path: str, suffixes: frozenset[str] | None = None) -> Output:
@@ -440,17 +451,17 @@ class JobRun:
 
     # -- outputs ------------------------------------------------------------
 
-    def describe(self, output: Output, path: Path | None = None) -> dict:
+    def describe(self, output: Output, path: Path | None = None, *, beats: Beats | None = None) -> dict:
         """The result entry of an output, read from its temp name (or ``path``)."""
         path = path or output.temp
         described = path / output.entry if output.entry else path
         if self.remaining_s() <= 0:
             raise self.timed_out()
         try:
-            probe = process.ffprobe(str(described), timeout_s=self.remaining_s(), formats=output.formats)
+            probe = process.ffprobe(str(described), timeout_s=self.remaining_s(), formats=output.formats,
+                                    stop=beats.stop if beats else None)
         except process.ProbeFailed as exc:
-            if exc.timed_out:
-                raise self.timed_out(exc.stderr_tail) from None
+            self.raise_if_not_about_the_file(exc, beats)
             raise RunFailure("ffmpeg_failed", f"ffmpeg wrote an output that ffprobe cannot read: "
                                               f"{output.described_user_path!r}", stderr_tail=exc.stderr_tail) from None
         size = outputs.size_bytes(path)
@@ -466,19 +477,27 @@ class JobRun:
         described = stored.get("outputs")
         if not isinstance(described, list) or len(described) != len(self.outputs):
             return None
-        with self.heartbeating():
+        with self.heartbeating() as beats:
             for output, entry in zip(self.outputs, described):
                 final = output.final
                 if final.is_symlink() or final.is_dir() != output.is_dir or not final.exists():
                     return None
                 try:
-                    if self.describe(output, final) != entry:
+                    if self.describe(output, final, beats=beats) != entry:
                         return None
                 except RunFailure as failure:
                     if failure.code == "timeout":
                         raise
                     return None
         return stored
+
+    def raise_if_not_about_the_file(self, exc: process.ProbeFailed, beats: Beats | None) -> None:
+        """A probe ended by the job's deadline or by a stop says nothing about the file:
+        the run fails with timeout, or stops for the reason its heartbeat saw."""
+        if exc.timed_out:
+            raise self.timed_out(exc.stderr_tail) from None
+        if exc.stopped:
+            raise RunStopped(beats.reason if beats and beats.reason else "cancelled") from None
 
     def discard_outputs(self) -> None:
         """Remove this run's temp outputs (never the placed ones); a failure to is logged, not raised."""

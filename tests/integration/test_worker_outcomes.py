@@ -22,6 +22,7 @@ from sqlalchemy.engine import make_url
 
 from ffworker import kinds, paths, process, worker
 from ffworker.ledger import Ledger
+from tests.helpers import wait_until
 from tests.integration.test_ledger import backdate, new_job, transitions
 from tests.integration.test_worker_crash import DiesBeforeRecordingCompletion, WorkerDied
 
@@ -313,3 +314,22 @@ def test_a_slow_probe_keeps_the_job_heartbeating(engine, ledger, settings, tenan
 
     assert reports[0].outcome == "completed"
     assert len(ages) > 10 and max(ages) < 4 * settings.progress_interval_s, max(ages)
+
+
+def test_a_cancel_during_a_slow_probe_stops_it_within_two_seconds(
+        engine, ledger, settings, tenant, make_clip, tmp_path, monkeypatch):
+    make_clip(tenant.media / "in.mp4")
+    monkeypatch.setattr(process, "FFPROBE", script(tmp_path / "ffprobe", 'sleep 10\nexec ffprobe "$@"'))
+    job = new_job(ledger, tenant, kind="probe", spec={"input": "in.mp4"})
+    reports = []
+    run = threading.Thread(target=lambda: reports.append(worker.run(job["id"], ledger, settings)))
+    run.start()
+    wait_until(lambda: ledger.get(job["id"])["status"] == "running")
+
+    ledger.request_cancel(job["id"], tenant.id)
+    cancelled_at = time.monotonic()
+    run.join(timeout=15)
+
+    assert reports and reports[0].outcome == "cancelled"
+    assert time.monotonic() - cancelled_at < 2.0
+    assert ledger.get(job["id"])["status"] == "cancelled"
