@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import socket
 import stat
 import threading
@@ -272,7 +271,8 @@ def test_a_database_outage_at_completion_is_waited_out_not_encoded_again(
 
     assert report.outcome == "completed", report.row and (report.row["status"], report.row["error_message"])
     assert waited >= outage_s
-    assert transitions(ledger, job["id"]) == [(None, "queued", 0), ("queued", "running", 1), ("running", "completed", 1)]
+    assert transitions(ledger, job["id"]) == [
+        (None, "queued", 0), ("queued", "running", 1), ("running", "completed", 1)]
     assert (tenant.media / "out/small.mp4").exists() and temp_files(tenant.media) == []
 
 
