@@ -1,7 +1,8 @@
 """Publishing a job's Celery message, always after its row is committed.
 
 A publish that fails is not an error for the caller: the job stays queued
-with ``dispatched_at`` unset, and beat's re-dispatch publishes it later.
+with ``dispatched_at`` unset, and beat's re-dispatch publishes it later. Nor is
+a failure to stamp ``dispatched_at`` after a publish that worked.
 """
 from __future__ import annotations
 
@@ -29,5 +30,11 @@ def dispatch(job_id, *, countdown: float | None = None) -> bool:
     except Exception as exc:  # kombu raises several families when the broker is away
         log.warning("job=%s event=publish_failed error=%s", job_id, type(exc).__name__)
         return False
-    services().ledger.mark_dispatched(job_id)
+    try:
+        services().ledger.mark_dispatched(job_id)
+    except Exception as exc:
+        # The row is committed and its message sent: the job will run. Missing bookkeeping
+        # only makes the re-dispatcher publish it once more (a duplicate the claim ignores);
+        # an error answer here would make a client submit the job a second time.
+        log.warning("job=%s event=mark_dispatched_failed error=%s", job_id, type(exc).__name__)
     return True

@@ -500,8 +500,14 @@ class Ledger:
     def heartbeat(
         self, job_id, token: int, progress: Mapping[str, Any] | None = None,
         *, media_duration_s: float | None = None, placing_outputs: bool = False,
+        placed_result: dict | None = None,
     ) -> Heartbeat:
         """Fenced heartbeat, optionally carrying a progress snapshot (and its NOTIFY).
+
+        ``placing_outputs`` records that this attempt is moving its outputs into place,
+        with ``placed_result`` the result they make (kept in ``result``, which the API
+        shows only once the job is completed): a later attempt that finds them intact
+        completes with it instead of encoding again.
 
         Touches only unindexed columns so PostgreSQL can keep it a HOT update.
         """
@@ -514,6 +520,8 @@ class Ledger:
             values["media_duration_s"] = media_duration_s
         if placing_outputs:
             values["outputs_placed_attempt"] = token
+            if placed_result is not None:
+                values["result"] = placed_result
         returning = [jobs.c.cancel_requested_at]
         if progress is not None:
             returning.append(_notice("progress"))

@@ -17,6 +17,16 @@ TEMP_MARKER = ".ffwtmp."
 
 MAX_PATH_CHARS = 1024
 MAX_COMPONENT_BYTES = 255  # NAME_MAX on Linux filesystems
+# The longest name a run gives a file beside an output: the in-flight prefix
+# ``.ffwtmp.<job uuid>.<attempt>.`` (attempts allowed up to MAX_ATTEMPT_DIGITS
+# digits) before the output's own name, and after it the longest suffix a
+# scratch name adds (concat's ``.ffconcat`` list, the ``.previous`` name of a
+# directory swap without renameat2). An output name that leaves no room for
+# these is refused at submit, since the run would fail with ENAMETOOLONG.
+MAX_ATTEMPT_DIGITS = 6
+SCRATCH_SUFFIX_MAX_BYTES = 16
+IN_FLIGHT_EXTRA_BYTES = len(TEMP_MARKER) + 36 + 1 + MAX_ATTEMPT_DIGITS + 1 + SCRATCH_SUFFIX_MAX_BYTES
+MAX_OUTPUT_NAME_BYTES = MAX_COMPONENT_BYTES - IN_FLIGHT_EXTRA_BYTES
 _SHOWN_CHARS = 80
 
 # ffmpeg treats "<scheme>:" as a protocol (concat:, pipe:, subfile:, ...), and
@@ -57,7 +67,7 @@ def confine(root: Path, user_path: str) -> Path:
 def input_path(root: Path, user_path: str) -> Path:
     path = confine(root, user_path)
     kind = _kind(path, user_path)
-    if kind is None:
+    if kind in (None, "not_a_dir"):
         raise UnsafePath(f"input {_show(user_path)} does not exist")
     if kind != "file":
         raise UnsafePath(f"input {_show(user_path)} is not a regular file")
@@ -71,6 +81,8 @@ def output_path(
     if suffixes is not None:
         _check_suffix(path, user_path, suffixes)
     kind = _kind(path, user_path)
+    if kind == "not_a_dir":
+        raise UnsafePath(_parent_is_a_file(root, user_path))
     if kind == "dir":
         raise UnsafePath(f"output {_show(user_path)} is an existing directory")
     if kind == "other":
@@ -84,11 +96,28 @@ def output_path(
 def output_dir_path(root: Path, user_path: str, *, overwrite: bool) -> Path:
     path = confine(root, user_path)
     kind = _kind(path, user_path)
+    if kind == "not_a_dir":
+        raise UnsafePath(_parent_is_a_file(root, user_path))
     if kind in ("file", "other"):
         raise UnsafePath(f"output {_show(user_path)} exists and is not a directory")
     if kind == "dir" and not overwrite:
         raise UnsafePath(f"output {_show(user_path)} already exists; set overwrite to replace it")
     return path
+
+
+def check_output_name(final: Path, user_path: str) -> None:
+    """Refuse an output whose in-flight or scratch names would exceed NAME_MAX (UnsafePath).
+
+    ``final`` is the confined output path (``output_path``/``output_dir_path``):
+    its own name is what the run prefixes and suffixes. Every kind's submit-time
+    check calls this for every output it names.
+    """
+    if len(os.fsencode(final.name)) > MAX_OUTPUT_NAME_BYTES:
+        raise UnsafePath(
+            f"output {_show(user_path)} has a file name longer than {MAX_OUTPUT_NAME_BYTES} bytes "
+            f"(the name it has while the job runs is {IN_FLIGHT_EXTRA_BYTES} bytes longer, "
+            f"and a file name may have at most {MAX_COMPONENT_BYTES})"
+        )
 
 
 def temp_path_for(final: Path, job_id: str, attempt: int) -> Path:
@@ -159,11 +188,14 @@ def _check_suffix(path: Path, user_path: str, suffixes: frozenset[str]) -> None:
 
 
 def _kind(path: Path, user_path: str) -> str | None:
-    """'file', 'dir', 'other', or None when nothing exists there."""
+    """'file', 'dir', 'other', 'not_a_dir' (a directory on the way is a file), or None when
+    nothing exists there."""
     try:
         mode = os.stat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):
+    except FileNotFoundError:
         return None
+    except NotADirectoryError:
+        return "not_a_dir"
     except OSError:
         raise UnsafePath(f"{_show(user_path)} cannot be accessed") from None
     if stat.S_ISREG(mode):
@@ -171,6 +203,18 @@ def _kind(path: Path, user_path: str) -> str | None:
     if stat.S_ISDIR(mode):
         return "dir"
     return "other"
+
+
+def _parent_is_a_file(root: Path, user_path: str) -> str:
+    """The message for an output below something that is a file: it names the first such
+    component of the caller's own path (the run could only fail with ENOTDIR or EEXIST)."""
+    parts = [part for part in user_path.split("/") if part not in ("", ".")]
+    real_root = os.path.realpath(root)
+    for depth in range(1, len(parts)):
+        prefix = "/".join(parts[:depth])
+        if os.path.lexists(os.path.join(real_root, prefix)) and not os.path.isdir(os.path.join(real_root, prefix)):
+            return f"output {_show(user_path)}: {_show(prefix)} is a file, not a directory"
+    return f"output {_show(user_path)}: a directory on its way is a file"
 
 
 def _contains_symlink_loop(resolved: str, real_root: str) -> bool:

@@ -16,6 +16,7 @@ import os
 import selectors
 import signal
 import subprocess
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -35,10 +36,14 @@ _PR_SET_PDEATHSIG = 1
 class ProbeFailed(Exception):
     """ffprobe could not read the file (missing, unreadable or not media)."""
 
-    def __init__(self, message: str, stderr_tail: str = "", index: int = 0) -> None:
+    def __init__(self, message: str, stderr_tail: str = "", index: int = 0, *, timed_out: bool = False,
+                 stopped: bool = False) -> None:
         super().__init__(message)
         self.stderr_tail = stderr_tail
         self.index = index  # which of the paths given to ffprobe_many
+        # Killed at its timeout, or because ``stop`` was set: either says nothing about the file.
+        self.timed_out = timed_out
+        self.stopped = stopped
 
 
 def configure(settings) -> None:
@@ -79,25 +84,28 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def ffprobe(path: str, timeout_s: float = 60.0, *, formats: str | None = None, extradata_hash: bool = False) -> dict:
+def ffprobe(path: str, timeout_s: float = 60.0, *, formats: str | None = None, extradata_hash: bool = False,
+            stop: threading.Event | None = None) -> dict:
     """ffprobe's JSON description (format and streams) of a local file.
 
     ``formats`` restricts the demuxers ffprobe may pick (``-format_whitelist``),
     so a file that is really a playlist or a concat script is refused instead of
     followed; ``extradata_hash`` adds each stream's ``extradata_hash``.
     """
-    return ffprobe_many([path], timeout_s, formats=formats, extradata_hash=extradata_hash)[0]
+    return ffprobe_many([path], timeout_s, formats=formats, extradata_hash=extradata_hash, stop=stop)[0]
 
 
 def ffprobe_many(
     paths: list[str], timeout_s: float = 60.0, *, formats: str | None = None, extradata_hash: bool = False,
-    parallel: int = PROBE_PARALLELISM,
+    parallel: int = PROBE_PARALLELISM, stop: threading.Event | None = None,
 ) -> list[dict]:
     """``ffprobe`` of several files, up to ``parallel`` processes at a time, in order.
 
     Starting ffprobe costs far more than reading a file's headers, so a merge
     of many inputs probes them side by side. The first failure raises
     ProbeFailed (its ``index`` says which path) after the others are killed.
+    Setting ``stop`` (a cancel seen by the caller's heartbeat) kills them too, within
+    ``STOP_POLL_S``: ProbeFailed with ``stopped``.
     """
     argv = [FFPROBE, "-v", "error", "-protocol_whitelist", "file"]
     if formats is not None:
@@ -113,7 +121,7 @@ def ffprobe_many(
             while len(running) < max(1, parallel) and len(results) + len(running) < len(paths):
                 running.append(spawn([*argv, paths[len(results) + len(running)]],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-            results.append(_probe_result(running.popleft(), deadline, index))
+            results.append(_probe_result(running.popleft(), deadline, index, stop))
     finally:
         for proc in running:
             kill_group(proc)
@@ -122,13 +130,24 @@ def ffprobe_many(
     return results
 
 
-def _probe_result(proc: subprocess.Popen, deadline: float, index: int) -> dict:
-    try:
-        out, err = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        kill_group(proc)
-        proc.communicate()  # collect what is left and close the pipes
-        raise ProbeFailed("ffprobe timed out", index=index)
+STOP_POLL_S = 0.1
+
+
+def _probe_result(proc: subprocess.Popen, deadline: float, index: int, stop: threading.Event | None = None) -> dict:
+    while True:
+        wait = max(0.0, deadline - time.monotonic())
+        try:
+            # communicate() may be called again after a timeout without losing output.
+            out, err = proc.communicate(timeout=wait if stop is None else min(wait, STOP_POLL_S))
+            break
+        except subprocess.TimeoutExpired:
+            stopped = stop is not None and stop.is_set()
+            if stopped or time.monotonic() >= deadline:
+                kill_group(proc)
+                proc.communicate()  # collect what is left and close the pipes
+                if stopped:
+                    raise ProbeFailed("ffprobe stopped", index=index, stopped=True) from None
+                raise ProbeFailed("ffprobe timed out", index=index, timed_out=True) from None
     stderr = err.decode("utf-8", "replace")[-STDERR_TAIL_BYTES:]
     if proc.returncode != 0:
         raise ProbeFailed("ffprobe could not read the media", stderr, index=index)

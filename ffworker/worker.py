@@ -7,11 +7,15 @@ temporary output removed, and nothing more is written.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 import socket
+import threading
 import time
+import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +44,65 @@ class RunFailure(Exception):
         self.stderr_tail = stderr_tail
 
 
+class Beats:
+    """What a step's heartbeat thread saw: ``reason`` to stop ("cancelled" or "fenced"), and
+    ``stop`` set along with it, for a subprocess to be killed at once."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.reason: str | None = None
+
+
 class RunStopped(Exception):
     """The run was told to stop: ``reason`` is "cancelled" or "fenced"."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+# Which OSErrors are worth another attempt, by errno: True = transient (retried with
+# backoff while attempts remain), False = deterministic (the same request on the same
+# files fails the same way: fail at once). An errno missing from the table counts as
+# transient: a wrong guess then costs at most max_attempts runs, never a job lost to a blip.
+OS_ERRORS: dict[int, bool] = {
+    # The request or the tenant's files: no retry changes them.
+    errno.ENOTDIR: False,       # a directory on the way is a file
+    errno.EISDIR: False,        # a file name is a directory
+    errno.EEXIST: False,        # something took the name
+    errno.ENAMETOOLONG: False,  # a name (or the in-flight name beside it) exceeds NAME_MAX
+    errno.ENOENT: False,        # an input or a directory went away
+    errno.ELOOP: False,         # a symlink loop
+    errno.EACCES: False,        # permissions: an operator must change them
+    errno.EPERM: False,
+    errno.EROFS: False,         # the media store is mounted read-only: an operator's matter
+    errno.EINVAL: False,
+    errno.EFBIG: False,         # larger than the filesystem allows
+    errno.EXDEV: False,         # a rename across filesystems never works
+    errno.ENOTEMPTY: False,
+    errno.EMLINK: False,
+    # The machine or the store, for now: worth another attempt, maybe on another host.
+    errno.EIO: True,
+    errno.ENOSPC: True,         # space is freed by retention and by operators
+    errno.EDQUOT: True,
+    errno.EAGAIN: True,
+    errno.EINTR: True,
+    errno.ENOMEM: True,
+    errno.ENFILE: True,
+    errno.EMFILE: True,
+    errno.EBUSY: True,
+    errno.ETXTBSY: True,
+    errno.ESTALE: True,         # NFS handle gone stale: a fresh lookup works
+    errno.ETIMEDOUT: True,
+    errno.ENOLCK: True,
+    errno.ECONNRESET: True,
+    errno.EHOSTUNREACH: True,
+    errno.ENETUNREACH: True,
+}
+
+
+def os_error_is_transient(exc: OSError) -> bool:
+    return OS_ERRORS.get(exc.errno, True)
 
 
 def worker_name() -> str:
@@ -63,8 +120,6 @@ def last_error_line(stderr: str) -> str:
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     return lines[-1][:500] if lines else "ffmpeg failed without a message"
 
-
-PROBE_BATCH = 32   # inputs probed between two heartbeats
 
 
 @dataclass(frozen=True)
@@ -109,10 +164,14 @@ class JobRun:
         self.outputs: list[Output] = []
         self.scratch_files: list[Path] = []
         self.final_row: dict | None = None
-        self.last_beat = time.monotonic()
+        # When the ledger last took a write of this run (the claim counts): the claim
+        # stays valid until the heartbeat it stamped is older than the stale threshold.
+        self.last_write = time.monotonic()
         self.progress_written: Progress | None = None
         self.media_duration_s: float | None = None
         self.final_progress: Progress | None = None
+        self.outputs_already_placed = False
+        self.swept_dirs: set[Path] = set()
         # An earlier attempt died while placing outputs: what it placed is ours to replace.
         self.replaces_own_outputs = claim.job.get("outputs_placed_attempt") is not None
 
@@ -123,14 +182,26 @@ class JobRun:
     # -- the run --------------------------------------------------------
 
     def execute(self) -> str:
+        """The run and its one outcome write; whatever happens, its files are cleaned up after."""
         self.log("claimed", kind=self.job["kind"])
-        published = False
+        try:
+            return self.outcome()
+        finally:
+            self.cleanup()
+
+    def outcome(self) -> str:
         try:
             result = self.perform()
-            if self.outputs:  # a cancel seen now still leaves nothing behind
-                self.checkpoint(placing_outputs=True)
-                outputs.publish(self.outputs, overwrite=self.overwrite)
-            published = True
+            if self.outputs_already_placed:
+                self.discard_outputs()  # the planner's temp names: nothing was written to them
+            elif self.outputs:
+                # The placement checkpoint records what is being placed, so that a later
+                # attempt can complete from placed outputs instead of encoding again.
+                # A cancel seen now still leaves nothing behind.
+                self.checkpoint(placing_outputs=True, placed_result=result)
+                with self.heartbeating():  # swapping an HLS ladder removes the old one
+                    outputs.publish(self.outputs, overwrite=self.overwrite)
+            self.published = True
             self.final_row = self.with_db_retries(lambda: self.ledger.complete(
                 self.job_id, self.token, result, media_duration_s=self.media_duration_s,
                 progress=self.final_progress.as_dict() if self.final_progress else None))
@@ -151,14 +222,16 @@ class JobRun:
         except PlanError as exc:
             return self.failed(RunFailure(exc.code, str(exc)))
         except OSError as exc:
-            return self.failed(RunFailure("io_error", f"I/O error: {exc.strerror or exc}", retryable=True))
+            return self.failed(RunFailure("io_error", f"I/O error: {exc.strerror or exc}",
+                                          retryable=os_error_is_transient(exc)))
         except DBAPIError as exc:
             self.log("database_error", error=type(exc.orig or exc).__name__)
             return self.failed(RunFailure("database_error", "the ledger was unreachable", retryable=True))
-        finally:
-            if not published:
-                outputs.discard(self.outputs)
-            self.remove_scratch()
+        except Exception as exc:
+            # A fault of ffworker itself: one failed write, not a job left running for the reaper.
+            return self.failed(self.internal_error(exc))
+
+    published = False
 
     def perform(self) -> dict:
         """Plan with the kind's planner, run ffmpeg, finish, and describe the outputs."""
@@ -167,14 +240,24 @@ class JobRun:
             raise RunFailure("unsupported_kind", f"this worker cannot run {self.job['kind']!r} jobs")
         plan = kind.plan(self)
         self.media_duration_s = plan.duration_s
+        placed = self.predecessors_result()
+        if placed is not None:
+            self.outputs_already_placed = True
+            self.log("outputs_reused", placed_by=self.job["outputs_placed_attempt"])
+            return placed
         if plan.args is not None:
             # A cancel requested while planning is seen at ffmpeg's first heartbeat.
             self.run_ffmpeg(plan)
         result = dict(plan.result)
         if plan.finish is not None:
-            result.update(plan.finish())
+            with self.heartbeating():
+                result.update(plan.finish())
+            if self.remaining_s() <= 0:
+                raise self.timed_out()
         if self.outputs:
-            result = {"outputs": [self.describe(output) for output in self.outputs], **result}
+            with self.heartbeating() as beats:
+                described = [self.describe(output, beats=beats) for output in self.outputs]
+            result = {"outputs": described, **result}
         return result
 
     def run_ffmpeg(self, plan: Plan) -> None:
@@ -185,8 +268,7 @@ class JobRun:
         if outcome.last_progress != self.progress_written:
             self.final_progress = outcome.last_progress  # the completion writes it
         if outcome.stopped == "timeout":
-            raise RunFailure("timeout", f"the job ran past its timeout of {self.job['timeout_s']} s",
-                             stderr_tail=outcome.stderr_tail)
+            raise self.timed_out(outcome.stderr_tail)
         if outcome.stopped is not None:
             raise RunStopped(outcome.stopped)
         if outcome.returncode is not None and outcome.returncode < 0:
@@ -197,6 +279,18 @@ class JobRun:
             raise RunFailure("ffmpeg_failed", f"ffmpeg exited with code {outcome.returncode}: {message}",
                              stderr_tail=outcome.stderr_tail)
 
+    def timed_out(self, stderr_tail: str | None = None) -> RunFailure:
+        return RunFailure("timeout", f"the job ran past its timeout of {self.job['timeout_s']} s",
+                          stderr_tail=stderr_tail)
+
+    def internal_error(self, exc: Exception) -> RunFailure:
+        trace = traceback.format_exc()
+        log.error("job=%s attempt=%s event=internal_error error=%s\n%s",
+                  self.job_id, self.token, type(exc).__name__, trace)
+        return RunFailure("internal_error", f"the worker failed unexpectedly ({type(exc).__name__}); "
+                                            "the details are in its log",
+                          stderr_tail=trace[-process.STDERR_TAIL_BYTES:])
+
     # -- ledger writes during the run ---------------------------------
 
     def tick(self, progress: Progress | None) -> str | None:
@@ -204,6 +298,7 @@ class JobRun:
         try:
             beat = self.ledger.heartbeat(self.job_id, self.token, progress.as_dict() if progress else None,
                                          media_duration_s=self.media_duration_s)
+            self.last_write = time.monotonic()
             if progress is not None:
                 self.progress_written = progress
         except FencedOut:
@@ -218,29 +313,63 @@ class JobRun:
     def checkpoint(self, **columns) -> None:
         """A fenced heartbeat between steps: stop here if the job was cancelled or lost."""
         beat = self.with_db_retries(lambda: self.ledger.heartbeat(self.job_id, self.token, **columns))
-        self.last_beat = time.monotonic()
         if beat.cancel_requested:
             raise RunStopped("cancelled")
 
-    def keep_alive(self) -> None:
-        """During long planning (probing 100 inputs): a checkpoint once per progress interval."""
-        if time.monotonic() - self.last_beat >= self.settings.progress_interval_s:
-            self.checkpoint()
+    @contextmanager
+    def heartbeating(self):
+        """Heartbeat once per progress interval while a long step runs without ffmpeg's
+        ticks (probing, finishing, describing, placing). A cancel or a lost fence seen
+        meanwhile sets the yielded ``Beats.stop`` (ffprobe watches it) and stops the run
+        when the step ends."""
+        beats = Beats()
+        done = threading.Event()
 
-    def with_db_retries(self, write, attempts: int = 5):
-        """Retry an idempotent ledger write through a brief database outage."""
-        for attempt in range(1, attempts + 1):
+        def beat() -> None:
+            while not done.wait(self.settings.progress_interval_s):
+                reason = self.tick(None)
+                if reason is not None:
+                    beats.reason = reason
+                    beats.stop.set()
+                    return
+
+        beater = threading.Thread(target=beat, name=f"heartbeat-{self.job_id}", daemon=True)
+        beater.start()
+        try:
+            yield beats
+        finally:
+            done.set()
+            beater.join()
+        if beats.reason is not None:
+            raise RunStopped(beats.reason)
+
+    def claim_valid_until(self) -> float:
+        """Until when (monotonic) this run's claim can still hold: the reaper takes it
+        only once the last heartbeat the ledger took is older than the stale threshold."""
+        return self.last_write + self.settings.stale_after_s - self.settings.progress_interval_s
+
+    def with_db_retries(self, write):
+        """Retry an idempotent ledger write through a database outage, for as long as
+        the claim can still be valid: giving up earlier would throw away finished work
+        (an encode whose outputs are placed) that the ledger would still accept."""
+        delay = 0.2
+        while True:
             try:
-                return write()
-            except DBAPIError:
-                if attempt == attempts:
+                row = write()
+            except DBAPIError as exc:
+                if time.monotonic() + delay >= self.claim_valid_until():
                     raise
-                time.sleep(min(5.0, 0.2 * 2 ** attempt))
+                self.log("ledger_write_retry", error=type(exc.orig or exc).__name__)
+                time.sleep(delay)
+                delay = min(2.0, delay * 2)
+                continue
+            self.last_write = time.monotonic()
+            return row
 
     # -- endings ----------------------------------------------------------
 
     def stopped(self, reason: str) -> str:
-        outputs.discard(self.outputs)
+        self.discard_outputs()
         if reason == "cancelled":
             try:
                 self.final_row = self.with_db_retries(lambda: self.ledger.record_cancelled(self.job_id, self.token))
@@ -252,7 +381,7 @@ class JobRun:
         return "lost"
 
     def failed(self, failure: RunFailure) -> str:
-        outputs.discard(self.outputs)
+        self.discard_outputs()
         try:
             row = self.with_db_retries(lambda: self.ledger.fail(
                 self.job_id, self.token, code=failure.code, message=failure.message,
@@ -275,24 +404,24 @@ class JobRun:
         return self.probe_many([path], extradata_hash=extradata_hash)[0]
 
     def probe_many(self, sources: list[Path], *, extradata_hash: bool = False) -> list[dict]:
-        """ffprobe every source (side by side), heartbeating between batches."""
-        probes: list[dict] = []
-        for start in range(0, len(sources), PROBE_BATCH):
-            self.keep_alive()
-            batch = [str(path) for path in sources[start:start + PROBE_BATCH]]
+        """ffprobe every source (side by side), heartbeating meanwhile, within the job's deadline."""
+        if self.remaining_s() <= 0:
+            raise self.timed_out()
+        with self.heartbeating() as beats:
             try:
-                probes += process.ffprobe_many(batch, timeout_s=max(1.0, self.remaining_s()),
-                                               formats=INPUT_FORMATS, extradata_hash=extradata_hash)
+                return process.ffprobe_many([str(path) for path in sources], timeout_s=self.remaining_s(),
+                                            formats=INPUT_FORMATS, extradata_hash=extradata_hash,
+                                            stop=beats.stop)
             except process.ProbeFailed as exc:
-                exc.index += start
+                self.raise_if_not_about_the_file(exc, beats)
                 raise
-        return probes
 
     def output(self, user_path: str, suffixes: frozenset[str] | None = None) -> Output:
         final = paths.output_path(self.root, user_path, overwrite=self.overwrite, suffixes=suffixes)
         if any(output.final == final for output in self.outputs):
             raise RunFailure("invalid_request", f"output {user_path!r} is named twice")
         final.parent.mkdir(parents=True, exist_ok=True)
+        self.sweep_predecessors(final.parent)
         output = Output(user_path, final, self.temp_name(final))
         self.outputs.append(output)
         return output
@@ -300,12 +429,17 @@ class JobRun:
     def output_dir(self, user_path: str, *, entry: str, formats: str) -> Output:
         final = paths.output_dir_path(self.root, user_path, overwrite=self.overwrite)
         final.parent.mkdir(parents=True, exist_ok=True)
+        self.sweep_predecessors(final.parent)
         output = Output(user_path, final, self.temp_name(final), is_dir=True, entry=entry, formats=formats)
         self.outputs.append(output)
         output.temp.mkdir()
         return output
 
     def scratch(self, beside: Path, suffix: str) -> Path:
+        if len(os.fsencode(suffix)) > paths.SCRATCH_SUFFIX_MAX_BYTES:
+            # The submit-time name rule only leaves this much room (paths.check_output_name).
+            raise ValueError(f"scratch suffix {suffix!r} is longer than {paths.SCRATCH_SUFFIX_MAX_BYTES} bytes")
+        self.sweep_predecessors(beside.parent)
         path = self.temp_name(beside.with_name(beside.name + suffix))
         self.scratch_files.append(path)
         return path
@@ -320,19 +454,82 @@ class JobRun:
 
     # -- outputs ------------------------------------------------------------
 
-    def describe(self, output: Output) -> dict:
+    def describe(self, output: Output, path: Path | None = None, *, beats: Beats | None = None) -> dict:
+        """The result entry of an output, read from its temp name (or ``path``)."""
+        path = path or output.temp
+        described = path / output.entry if output.entry else path
+        if self.remaining_s() <= 0:
+            raise self.timed_out()
         try:
-            probe = process.ffprobe(str(output.described_path), timeout_s=max(5.0, self.remaining_s()),
-                                    formats=output.formats)
+            probe = process.ffprobe(str(described), timeout_s=self.remaining_s(), formats=output.formats,
+                                    stop=beats.stop if beats else None)
         except process.ProbeFailed as exc:
+            self.raise_if_not_about_the_file(exc, beats)
             raise RunFailure("ffmpeg_failed", f"ffmpeg wrote an output that ffprobe cannot read: "
                                               f"{output.described_user_path!r}", stderr_tail=exc.stderr_tail) from None
-        size = outputs.size_bytes(output.temp)
+        size = outputs.size_bytes(path)
         return media.output_summary(output.described_user_path, probe, size)
 
-    def remove_scratch(self) -> None:
+    def predecessors_result(self) -> dict | None:
+        """The result an earlier attempt recorded as it placed its outputs, if every one of
+        those outputs is still in place and intact (same size, readable, same description):
+        then the encode finished and only its completion was lost, and it is not run again."""
+        placed_by, stored = self.job.get("outputs_placed_attempt"), self.job.get("result")
+        if placed_by is None or placed_by >= self.token or not self.outputs or not isinstance(stored, dict):
+            return None
+        described = stored.get("outputs")
+        if not isinstance(described, list) or len(described) != len(self.outputs):
+            return None
+        with self.heartbeating() as beats:
+            for output, entry in zip(self.outputs, described):
+                final = output.final
+                if final.is_symlink() or final.is_dir() != output.is_dir or not final.exists():
+                    return None
+                try:
+                    if self.describe(output, final, beats=beats) != entry:
+                        return None
+                except RunFailure as failure:
+                    if failure.code == "timeout":
+                        raise
+                    return None
+        return stored
+
+    def raise_if_not_about_the_file(self, exc: process.ProbeFailed, beats: Beats | None) -> None:
+        """A probe ended by the job's deadline or by a stop says nothing about the file:
+        the run fails with timeout, or stops for the reason its heartbeat saw."""
+        if exc.timed_out:
+            raise self.timed_out(exc.stderr_tail) from None
+        if exc.stopped:
+            raise RunStopped(beats.reason if beats and beats.reason else "cancelled") from None
+
+    def discard_outputs(self) -> None:
+        """Remove this run's temp outputs (never the placed ones); a failure to is logged, not raised."""
+        if not self.published:
+            self.quietly("discard_outputs", lambda: outputs.discard(self.outputs))
+
+    def cleanup(self) -> None:
+        self.discard_outputs()
         for path in self.scratch_files:
-            outputs.remove(path)
+            self.quietly("remove_scratch", lambda: outputs.remove(path))
+
+    def sweep_predecessors(self, directory: Path) -> None:
+        """Remove what earlier attempts of this job left beside our outputs (a killed
+        run's partial files): nobody else may see them for the hour the orphan cleanup waits."""
+        if self.token <= 1 or directory in self.swept_dirs:
+            return
+        self.swept_dirs.add(directory)
+        for name in os.listdir(directory):
+            owner = paths.parse_temp_name(name)
+            if owner is not None and owner[0] == str(self.job_id) and owner[1] < self.token:
+                outputs.remove(directory / name)
+                self.log("predecessor_temp_removed", attempt_of=owner[1])
+
+    def quietly(self, what: str, action) -> None:
+        try:
+            action()
+        except Exception as exc:
+            log.warning("job=%s attempt=%s event=cleanup_failed step=%s error=%s",
+                        self.job_id, self.token, what, type(exc).__name__, exc_info=True)
 
     def remaining_s(self) -> float:
         return max(0.0, self.deadline - time.monotonic())

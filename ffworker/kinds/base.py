@@ -137,6 +137,7 @@ def field_check(inputs: tuple[str, ...] = (),
         for name, suffixes in outputs.items():
             try:
                 target = paths.output_path(root, spec[name], overwrite=overwrite, suffixes=suffixes)
+                paths.check_output_name(target, spec[name])
             except paths.UnsafePath as exc:
                 errors.setdefault(name, []).append(exc.message)
                 continue

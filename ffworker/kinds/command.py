@@ -536,6 +536,7 @@ def check(root: Path, spec: dict) -> dict[str, list[str]]:
         try:
             target = paths.output_path(root, user_path, overwrite=spec.get("overwrite", False),
                                        suffixes=OUTPUT_SUFFIXES)
+            paths.check_output_name(target, user_path)
         except paths.UnsafePath as exc:
             errors.append(exc.message)
             continue

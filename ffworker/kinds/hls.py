@@ -72,6 +72,7 @@ def output_dir_problems(root: Path, spec: dict) -> list[str]:
     user_path = spec["output_dir"]
     try:
         final = paths.output_dir_path(root, user_path, overwrite=spec.get("overwrite", False))
+        paths.check_output_name(final, user_path)
     except paths.UnsafePath as exc:
         return [exc.message]
     problems = []

@@ -64,8 +64,14 @@ def remove_orphaned_temp_files(ledger: Ledger, media_root: Path, min_age_s: floa
     for directory, dirnames, filenames in os.walk(media_root):
         for name in [*filenames, *dirnames]:
             parsed = paths.parse_temp_name(name)
+            if parsed is None:
+                continue
             path = Path(directory) / name
-            if parsed is not None and now - path.lstat().st_mtime >= min_age_s:
+            try:
+                modified = path.lstat().st_mtime
+            except FileNotFoundError:
+                continue  # published or removed since the listing: not an orphan
+            if now - modified >= min_age_s:
                 candidates[path] = parsed
         dirnames[:] = [d for d in dirnames if paths.parse_temp_name(d) is None]
     owned = ledger.running_attempts(sorted({job_id for job_id, _ in candidates.values()}))

@@ -358,3 +358,41 @@ def test_tenant_root_is_the_resolved_media_root_joined_with_the_tenant(tmp_path)
     os.symlink(tmp_path / "media", tmp_path / "link")
     settings = SimpleNamespace(media_root=str(tmp_path / "link"))
     assert tenant_root(settings, "acme") == Path(os.path.realpath(tmp_path / "media")) / "acme"
+
+
+# -- names that leave room for the in-flight and scratch names --------------------------
+
+
+def test_the_longest_output_name_leaves_room_for_every_in_flight_name(tmp_path):
+    from ffworker import paths
+
+    job_id = "0b7e9c1e-5b1f-4f53-8a9e-2f1d1c1b1a19"
+    longest = "a" * (paths.MAX_OUTPUT_NAME_BYTES - 4) + ".mp4"
+    final = tmp_path / longest
+    paths.check_output_name(final, longest)  # allowed
+    attempt = 10 ** paths.MAX_ATTEMPT_DIGITS - 1
+    temp = paths.temp_path_for(final, job_id, attempt)
+    for suffix in (".ffconcat", ".previous"):  # concat's list, the directory swap's aside name
+        name = temp.name + suffix
+        assert len(name.encode()) <= paths.MAX_COMPONENT_BYTES
+        (tmp_path / name).write_bytes(b"")  # the filesystem takes it
+
+
+@pytest.mark.parametrize("name", ["a" * 200 + ".mp4", "é" * 100 + ".mp4", "b" * 240])
+def test_an_output_name_without_room_for_its_in_flight_name_is_refused(tmp_path, name):
+    from ffworker import paths
+
+    with pytest.raises(UnsafePath, match="longer than"):
+        paths.check_output_name(tmp_path / name, f"out/{name}")
+
+
+def test_an_output_below_an_existing_file_is_refused(tmp_path):
+    root = tmp_path / "acme"
+    (root / "in.mp4").parent.mkdir(parents=True)
+    (root / "in.mp4").write_bytes(b"media")
+    with pytest.raises(UnsafePath, match="'in.mp4' is a file, not a directory"):
+        output_path(root, "in.mp4/out.mp4", overwrite=False)
+    with pytest.raises(UnsafePath, match="'in.mp4' is a file"):
+        output_path(root, "in.mp4/deeper/out.mp4", overwrite=True)
+    with pytest.raises(UnsafePath, match="'in.mp4' is a file"):
+        output_dir_path(root, "in.mp4/ladder", overwrite=False)
