@@ -126,13 +126,17 @@ class JobRun:
         published = False
         try:
             result = self.perform()
+            # ffmpeg has succeeded: from here a database outage must delay the remaining writes,
+            # not throw the finished encode away. They are fenced, so retrying them for as long
+            # as the claim can still be valid (the stale threshold) is safe.
+            hold_s = self.settings.stale_after_s
             if self.outputs:  # a cancel seen now still leaves nothing behind
-                self.checkpoint(placing_outputs=True)
+                self.checkpoint(placing_outputs=True, retry_for_s=hold_s)
                 outputs.publish(self.outputs, overwrite=self.overwrite)
             published = True
             self.final_row = self.with_db_retries(lambda: self.ledger.complete(
                 self.job_id, self.token, result, media_duration_s=self.media_duration_s,
-                progress=self.final_progress.as_dict() if self.final_progress else None))
+                progress=self.final_progress.as_dict() if self.final_progress else None), retry_for_s=hold_s)
             self.log("completed")
             return "completed"
         except RunStopped as stop:
@@ -214,9 +218,10 @@ class JobRun:
             return None
         return "cancelled" if beat.cancel_requested else None
 
-    def checkpoint(self, **columns) -> None:
+    def checkpoint(self, retry_for_s: float | None = None, **columns) -> None:
         """A fenced heartbeat between steps: stop here if the job was cancelled or lost."""
-        beat = self.with_db_retries(lambda: self.ledger.heartbeat(self.job_id, self.token, **columns))
+        beat = self.with_db_retries(lambda: self.ledger.heartbeat(self.job_id, self.token, **columns),
+                                    retry_for_s=retry_for_s)
         self.last_beat = time.monotonic()
         if beat.cancel_requested:
             raise RunStopped("cancelled")
@@ -226,15 +231,20 @@ class JobRun:
         if time.monotonic() - self.last_beat >= self.settings.progress_interval_s:
             self.checkpoint()
 
-    def with_db_retries(self, write, attempts: int = 5):
-        """Retry an idempotent ledger write through a brief database outage."""
-        for attempt in range(1, attempts + 1):
+    def with_db_retries(self, write, attempts: int = 5, retry_for_s: float | None = None):
+        """Retry an idempotent ledger write through a brief database outage: ``attempts`` times
+        (about 6 s), or with ``retry_for_s`` for that long, polling at most every 2 s so that
+        the write lands soon after the database is back."""
+        deadline = None if retry_for_s is None else time.monotonic() + retry_for_s
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 return write()
             except DBAPIError:
-                if attempt == attempts:
+                if (attempt >= attempts) if deadline is None else (time.monotonic() >= deadline):
                     raise
-                time.sleep(min(5.0, 0.2 * 2 ** attempt))
+                time.sleep(min(5.0 if deadline is None else 2.0, 0.2 * 2 ** attempt))
 
     # -- endings ----------------------------------------------------------
 
