@@ -323,6 +323,11 @@ class JobRun:
         return bool(self.spec.get("overwrite", False)) or self.replaces_own_outputs
 
     def temp_name(self, final: Path) -> Path:
+        # A killed earlier attempt may have left its partial file under the same name with its own
+        # attempt number; nobody writes it any more (this run holds the claim), so it goes now
+        # rather than stay visible in the tenant's folder until the hourly orphan cleanup.
+        for attempt in range(1, self.token):
+            outputs.remove(paths.temp_path_for(final, str(self.job_id), attempt))
         return paths.temp_path_for(final, str(self.job_id), self.token)
 
     # -- outputs ------------------------------------------------------------
