@@ -132,8 +132,6 @@ class PgServer:
         try:
             self.stop()
         finally:
-            if self.proc is not None and self.proc.poll() is None:  # pragma: no cover - stop() kills
-                os.killpg(self.proc.pid, signal.SIGKILL)
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> "PgServer":

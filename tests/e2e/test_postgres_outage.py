@@ -9,6 +9,7 @@ database during the outage and 200 afterwards without anyone restarting anything
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -98,8 +99,6 @@ def stack(pg, settings, tmp_path):
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
-    import signal
-
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)

@@ -35,7 +35,7 @@ def fuzz(url: str, tenant, tmp_path, name: str, config: str = "") -> subprocess.
          "-H", f"Authorization: Bearer {tenant.key}", "--checks", CHECKS,
          "--phases", "examples,coverage,fuzzing", "--max-examples", str(EXAMPLES), "--seed", str(SEED),
          "--workers", "1", "--request-timeout", "10", "--no-shrink", "--max-failures", "20"],
-        capture_output=True, text=True, timeout=240)
+        capture_output=True, text=True, timeout=240, cwd=tmp_path)  # its caches stay out of the work tree
 
 
 @pytest.fixture
