@@ -188,7 +188,15 @@ class JobEvents(MethodView):
                                "`progress` (the latest progress snapshot after each progress write); every "
                                "event has an `id:` to resume from; the stream ends after the terminal status. "
                                "A comment line is sent when nothing else was for FFWORKER_SSE_KEEPALIVE_S.",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "content": {"text/event-stream": {"schema": {
+                    "type": "object", "required": ["id", "event", "data"],
+                    "properties": {
+                        "id": {"type": "string", "description": "resume from here with Last-Event-ID"},
+                        "event": {"type": "string", "enum": ["status", "progress"]},
+                        "data": {"type": "string", "description": "a JSON object: the transition, or the "
+                                                                  "job's progress snapshot"},
+                    },
+                }}},
             },
             "204": {"description": "Resumed after the job's terminal status: nothing more will come"},
             "503": {"description": "Too many streams open on this process; retry after Retry-After seconds"},

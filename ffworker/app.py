@@ -128,7 +128,10 @@ def _register_error_handlers(app: Flask) -> None:
         body["message"] = data.get("message") or _summary(errors) or err.description
         if errors:
             body["errors"] = errors
-        return jsonify(body), err.code, data.get("headers") or {}
+        # The exception's own headers (a 405's Allow, a 401's WWW-Authenticate) stay; the body is ours.
+        headers = {name: value for name, value in err.get_headers() if name.lower() != "content-type"}
+        headers.update(data.get("headers") or {})
+        return jsonify(body), err.code, headers
 
     @app.errorhandler(Exception)
     def unexpected(err: Exception):

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Prepare a Debian machine for ffworker development, tests and demos.
 #
-# Installs missing system packages (ffmpeg, PostgreSQL, Redis, python3-venv, chromium),
-# starts PostgreSQL and Redis when they are not answering, creates the
+# Installs missing system packages (ffmpeg, PostgreSQL, Redis, RabbitMQ,
+# python3-venv, chromium), starts PostgreSQL, Redis and RabbitMQ when they are not
+# answering (RabbitMQ is the second supported broker; the chaos test runs on
+# both), creates the
 # database role and the `ffworker` database for the default
 # FFWORKER_DATABASE_URL, builds .venv, installs the package with its test
 # extras when setup.cfg changed, and runs the database migrations.
@@ -17,6 +19,7 @@ DEFAULT_DATABASE_URL='postgresql+psycopg:///ffworker'
 DATABASE_NAME='ffworker'
 REDIS_HOST='127.0.0.1'
 REDIS_PORT='6379'
+RABBITMQ_PORT='5672'
 VENV='.venv'
 STAMP="$VENV/.ffworker-installed"
 WAIT_SECONDS=30
@@ -65,6 +68,9 @@ fi
 if [ ! -x /usr/bin/chromium ]; then
     missing+=(chromium)
 fi
+if ! command -v rabbitmq-server >/dev/null 2>&1; then
+    missing+=(rabbitmq-server)
+fi
 if ! venv_usable; then
     if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
         missing+=(python3-venv)
@@ -77,7 +83,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y -q --no-install-recommends "${missing[@]}"
 else
-    step "system packages already installed (ffmpeg, postgresql, redis-server, chromium)"
+    step "system packages already installed (ffmpeg, postgresql, redis-server, rabbitmq-server, chromium)"
 fi
 
 # -------------------------------------------------------------- PostgreSQL --
@@ -137,6 +143,31 @@ else
     redis-server --daemonize yes --bind "$REDIS_HOST" --port "$REDIS_PORT" \
         --save "" --appendonly no --dir "$redis_dir" --logfile "$redis_log"
     wait_for "Redis" redis_ready
+fi
+
+# ---------------------------------------------------------------- RabbitMQ --
+rabbitmq_ready() { (exec 3<>"/dev/tcp/127.0.0.1/$RABBITMQ_PORT") 2>/dev/null; }
+
+if rabbitmq_ready; then
+    step "RabbitMQ already running"
+else
+    # A container's hostname often does not resolve, and Erlang names its node after it:
+    # pin the node to localhost and the listener to the loopback (guest may only log in there).
+    if [ ! -s /etc/rabbitmq/rabbitmq-env.conf ] || ! grep -q '^NODENAME=' /etc/rabbitmq/rabbitmq-env.conf; then
+        "${SUDO[@]}" mkdir -p /etc/rabbitmq
+        printf '%s\n' 'NODENAME=rabbit@localhost' 'ERL_EPMD_ADDRESS=127.0.0.1' \
+            'export ERL_FLAGS="-kernel inet_dist_use_interface {127,0,0,1}"' |
+            "${SUDO[@]}" tee -a /etc/rabbitmq/rabbitmq-env.conf >/dev/null
+    fi
+    if [ ! -s /etc/rabbitmq/rabbitmq.conf ]; then
+        printf 'listeners.tcp.local = 127.0.0.1:%s\n' "$RABBITMQ_PORT" |
+            "${SUDO[@]}" tee /etc/rabbitmq/rabbitmq.conf >/dev/null
+    fi
+    step "starting RabbitMQ on 127.0.0.1:$RABBITMQ_PORT"
+    # The Debian wrapper switches to the rabbitmq user; -detached returns once the VM is up.
+    "${SUDO[@]}" rabbitmq-server -detached >/dev/null 2>&1 ||
+        printf 'bootstrap: rabbitmq-server -detached failed; waiting for the server anyway\n' >&2
+    WAIT_SECONDS=60 wait_for "RabbitMQ" rabbitmq_ready
 fi
 
 # ------------------------------------------------------- role and database --

@@ -16,7 +16,7 @@ SCRIPTS = sorted(p.name for p in BENCH.iterdir() if p.is_file() and os.access(p,
 
 
 def test_there_are_bench_scripts():
-    assert {"overhead", "job_latency", "merge"} <= set(SCRIPTS)
+    assert {"overhead", "job_latency", "merge", "chaos"} <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

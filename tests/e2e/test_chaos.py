@@ -2,7 +2,8 @@
 while real beat maintenance (reaper, re-dispatch) runs with fast thresholds.
 
 Thirty short transcodes must all complete exactly once, with valid outputs, no
-temporary files left behind and no ffmpeg outliving the worker that started it.
+temporary files left behind and no ffmpeg outliving the worker that started it. The run is
+made on both supported brokers: Redis (the default) and RabbitMQ (a queue of the run's own).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from ffworker.celery_wiring import maintenance_queue
 from ffworker.maintenance import prune
 from tests.conftest import BeatProcess, WorkerProcess
 from tests.e2e.test_worker import leftovers, submit
-from tests.helpers import ffmpeg_processes_touching, wait_until
+from tests.helpers import ffmpeg_processes_touching, make_celery_current, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -36,9 +37,41 @@ FAST_RECOVERY = {
 COMPLETION_TIMEOUT_S = 60.0
 
 
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker(request, app, settings, purge_queue):
+    """(app, settings, environment of the child processes) for one broker.
+
+    Redis is the session's own; for RabbitMQ an API app of its own publishes to a queue of
+    this run's own, deleted at the end (RabbitMQ keeps durable queues until told otherwise).
+    """
+    if request.param == "redis":
+        yield app, settings, dict(FAST_RECOVERY)
+        return
+    from ffworker.app import create_app
+
+    own = settings.with_overrides(broker_url=RABBITMQ_URL, task_queue=f"{settings.task_queue}-amqp")
+    amqp_app = create_app({"TESTING": True, "FFWORKER_SETTINGS": own})
+    try:
+        yield amqp_app, own, {**FAST_RECOVERY, "FFWORKER_BROKER_URL": own.broker_url,
+                              "FFWORKER_TASK_QUEUE": own.task_queue}
+    finally:
+        try:
+            with amqp_app.extensions["celery"].connection_for_write() as conn:
+                for queue in (own.task_queue, maintenance_queue(own)):
+                    conn.default_channel.queue_delete(queue)
+        except Exception as exc:
+            print(f"could not delete the RabbitMQ queues: {exc!r}")
+        amqp_app.extensions["ffworker_events"].hub.close()
+        make_celery_current(app)
+
+
 @pytest.fixture
-def fleet(app, settings, purge_queue):
+def fleet(broker):
     """Processes the test starts; each is stopped group-wide (SIGTERM, then SIGKILL) at teardown."""
+    app, settings, _ = broker
     processes: list = []
     yield processes
     for proc in processes:  # beat first: no new maintenance messages while the workers stop
@@ -101,7 +134,9 @@ def report(figures: dict) -> str:
 
 
 def test_thirty_transcodes_survive_a_killed_worker_and_a_purged_queue(
-        app, settings, client, ledger, engine, tenant, make_clip, fleet, tmp_path):
+        broker, ledger, engine, tenant, make_clip, fleet, tmp_path):
+    app, settings, env = broker
+    client = app.test_client()
     started = time.monotonic()
     host = socket.gethostname()
     make_clip(tenant.media / "in.mp4", seconds=CLIP_S, size="320x240")
@@ -113,9 +148,9 @@ def test_thirty_transcodes_survive_a_killed_worker_and_a_purged_queue(
         conn.execute(text("INSERT INTO maintenance_state (name, last_run_at) VALUES ('reaper', now()) "
                           "ON CONFLICT (name) DO UPDATE SET last_run_at = now(), armed_at = NULL"))
     # Started without waiting, so that teardown stops them even if one never gets ready.
-    fleet.append(BeatProcess(tmp_path / "beat-schedule", tmp_path / "beat.log", env=FAST_RECOVERY, wait=False))
+    fleet.append(BeatProcess(tmp_path / "beat-schedule", tmp_path / "beat.log", env=env, wait=False))
     workers = [WorkerProcess(settings, tmp_path / f"worker-{name}.log", concurrency=2, name=f"chaos-{name}",
-                             queues=queues, env=FAST_RECOVERY, wait=False) for name in ("a", "b")]
+                             queues=queues, env=env, wait=False) for name in ("a", "b")]
     fleet.extend(workers)
     for proc in fleet:
         proc.wait_ready()
@@ -169,7 +204,7 @@ def test_thirty_transcodes_survive_a_killed_worker_and_a_purged_queue(
         queued_messages = channel.queue_declare(queue=settings.task_queue, passive=True).message_count
         purged = channel.queue_purge(settings.task_queue)
     fleet.append(WorkerProcess(settings, tmp_path / "worker-c.log", concurrency=2, name="chaos-c",
-                               queues=queues, env=FAST_RECOVERY, wait=False))
+                               queues=queues, env=env, wait=False))
     fleet[-1].wait_ready()
 
     # -- recovery -------------------------------------------------------------------------------------
@@ -197,6 +232,7 @@ def test_thirty_transcodes_survive_a_killed_worker_and_a_purged_queue(
     not_completed = {job_id: rows.get(job_id) for job_id in job_ids if rows.get(job_id, ("absent",))[0] != "completed"}
 
     figures = {
+        "broker": settings.broker_url.split(":", 1)[0],
         "jobs": len(job_ids),
         "workers_killed": 1,
         "jobs_running_on_killed_worker": len(killed_runs),
