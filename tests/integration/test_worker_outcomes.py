@@ -109,7 +109,8 @@ def test_an_output_below_an_existing_file_fails_at_once(engine, ledger, settings
 # -- the attempt that claims a job removes its predecessors' temp files -------------------
 
 
-def test_a_retry_removes_the_temp_files_its_predecessors_left(engine, ledger, settings, tenant, make_clip):
+def test_a_retry_removes_the_temp_files_its_predecessors_left(engine, ledger, settings, tenant, make_clip,
+                                                               monkeypatch):
     make_clip(tenant.media / "in.mp4")
     job = new_job(ledger, tenant, kind="transcode", spec=TRANSCODE)
     other = new_job(ledger, tenant, kind="transcode", spec={**TRANSCODE, "output": "out/other.mp4"})
@@ -124,17 +125,21 @@ def test_a_retry_removes_the_temp_files_its_predecessors_left(engine, ledger, se
     not_ours.write_bytes(b"another job's")
     requeue(engine, ledger, job["id"], first.token)
 
-    seen_while_encoding = []
+    # What the folder holds when this attempt's ffmpeg starts. (Not at its first heartbeat: on a
+    # loaded machine the input's probe outlasts a progress interval and heartbeats before the
+    # planner names the output, which is when the sweep runs.)
+    seen_when_encoding_starts = []
+    run_ffmpeg = process.run_ffmpeg
 
-    class Watching(Ledger):
-        def heartbeat(self, *args, **kwargs):
-            seen_while_encoding.append([path.exists() for path in left])
-            return super().heartbeat(*args, **kwargs)
+    def watched_run_ffmpeg(*args, **kwargs):
+        seen_when_encoding_starts.append([path.exists() for path in left])
+        return run_ffmpeg(*args, **kwargs)
 
-    report = worker.run(job["id"], Watching(engine), settings)
+    monkeypatch.setattr(process, "run_ffmpeg", watched_run_ffmpeg)
+    report = worker.run(job["id"], ledger, settings)
 
     assert report.outcome == "completed", report.row and report.row["error_message"]
-    assert seen_while_encoding and not any(any(seen) for seen in seen_while_encoding)
+    assert seen_when_encoding_starts == [[False, False]]
     assert not any(path.exists() for path in left)
     assert not_ours.exists()
 
