@@ -9,6 +9,7 @@
 #   make run-web     the HTTP API under gunicorn on 127.0.0.1:$PORT (default 8000)
 #   make run-worker  a Celery worker (jobs)
 #   make run-maintenance  the Celery worker of the maintenance queue
+#   make run-webhooks     the Celery worker of the webhook deliveries
 #   make run-beat    the Celery beat scheduler
 #   make clean       remove .venv and var/ (media and other local state)
 #
@@ -24,7 +25,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 
-.PHONY: help setup demo test bench run-web run-worker run-maintenance run-beat clean
+.PHONY: help setup demo test bench run-web run-worker run-maintenance run-webhooks run-beat clean
 
 # Print the list of targets above.
 help:
