@@ -1,19 +1,18 @@
 """The ``/v1`` REST API: one MethodView per resource."""
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import uuid
-from datetime import datetime
 
 from flask import Response, current_app, g, request, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint, abort
 
-from ffworker import kinds, paths, sse as live, tenants, urlguard
+from ffworker import kinds, paths, sse as live, urlguard
 from ffworker.dispatch import dispatch
 from ffworker.errors import AlreadyTerminal, JobBusy, JobNotFound, NotRetryable
+from ffworker.api_support import decode_cursor, encode_cursor, require_tenant
 from ffworker.extensions import services
 from ffworker.ledger import IdempotencyConflict
 from ffworker.models import TERMINAL_STATUSES
@@ -28,19 +27,10 @@ from ffworker.schemas import (
 )
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Media jobs")
+blp.before_request(require_tenant)
 IDEMPOTENCY_KEY_MAX = 200
 
 
-@blp.before_request
-def authenticate() -> None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, key = header.partition(" ")
-    tenant = None
-    if scheme.lower() == "bearer" and key.strip():
-        tenant = tenants.authenticate(services().engine, key.strip())
-    if tenant is None:
-        abort(401, message="a valid API key is required: Authorization: Bearer <key>")
-    g.tenant = tenant
 
 
 def _job_or_404(job_id: uuid.UUID) -> dict:
@@ -78,20 +68,6 @@ def _request_fingerprint(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _encode_cursor(row: dict) -> str:
-    raw = json.dumps([row["created_at"].isoformat(), str(row["id"])]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, job_id = json.loads(raw)
-        return datetime.fromisoformat(created_at), uuid.UUID(job_id)
-    except (ValueError, TypeError, AttributeError):
-        abort(422, message="invalid cursor", errors={"cursor": ["not a cursor this API returned"]})
-
-
 @blp.route("")
 class Jobs(MethodView):
     @blp.arguments(JobListArgsSchema, location="query")
@@ -101,9 +77,9 @@ class Jobs(MethodView):
         limit = args.pop("limit")
         cursor = args.pop("cursor", None)
         rows = services().ledger.list(
-            g.tenant.id, limit=limit + 1, before=_decode_cursor(cursor) if cursor else None, **args
+            g.tenant.id, limit=limit + 1, before=decode_cursor(cursor) if cursor else None, **args
         )
-        next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+        next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
         return {"jobs": [present(row) for row in rows[:limit]], "next_cursor": next_cursor}
 
     @blp.arguments(JobRequestSchema)

@@ -1,17 +1,13 @@
 """The ``/v1/webhooks`` REST API: endpoints, the signing secret, the delivery log and replay."""
 from __future__ import annotations
 
-import base64
-import json
-import uuid
-from datetime import datetime
-
-from flask import current_app, g, request
+from flask import current_app, g
 from flask.views import MethodView
 from flask_smorest import Blueprint, abort
 from marshmallow import Schema, fields, validate
 
-from ffworker import tenants, urlguard, webhooks
+from ffworker import urlguard, webhooks
+from ffworker.api_support import decode_cursor, encode_cursor, require_tenant
 from ffworker.delivery import DELIVER_TASK, webhooks_queue
 from ffworker.extensions import services
 from ffworker.models import DELIVERY_STATUSES, WEBHOOK_EVENTS
@@ -19,17 +15,9 @@ from ffworker.kinds.request import WORKSPACE_PATTERN, StrictSchema
 
 blp = Blueprint("webhooks", __name__, url_prefix="/v1/webhooks",
                 description="Webhooks: where job events are sent, signed the Standard Webhooks way")
+blp.before_request(require_tenant)
 
 
-@blp.before_request
-def authenticate() -> None:
-    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-    tenant = None
-    if scheme.lower() == "bearer" and key.strip():
-        tenant = tenants.authenticate(services().engine, key.strip())
-    if tenant is None:
-        abort(401, message="a valid API key is required: Authorization: Bearer <key>")
-    g.tenant = tenant
 
 
 # -- schemas ------------------------------------------------------------------------
@@ -130,19 +118,6 @@ def _checked_url(url: str) -> str:
         abort(422, message=f"invalid request: url: {exc}", errors={"url": [str(exc)]})
 
 
-def _encode_cursor(row: dict) -> str:
-    raw = json.dumps([row["created_at"].isoformat(), str(row["id"])]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        created_at, row_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(created_at), uuid.UUID(row_id)
-    except (ValueError, TypeError, AttributeError):
-        abort(422, message="invalid cursor", errors={"cursor": ["not a cursor this API returned"]})
-
-
 def _publish(delivery_id) -> None:
     """Send the delivery's message now; if the broker is away, the relay sends it later."""
     try:
@@ -232,8 +207,8 @@ class Deliveries(MethodView):
         limit = args.pop("limit")
         cursor = args.pop("cursor", None)
         rows = webhooks.list_deliveries(services().engine, g.tenant.id, limit=limit + 1,
-                                        before=_decode_cursor(cursor) if cursor else None, **args)
-        next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+                                        before=decode_cursor(cursor) if cursor else None, **args)
+        next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
         return {"deliveries": rows[:limit], "next_cursor": next_cursor}
 
 
