@@ -56,6 +56,8 @@ class Settings:
     trust_proxy: bool = False
     # Lifts the SSRF guard of webhook URLs (ffworker/urlguard.py): for tests and private deployments.
     allow_private_urls: bool = False
+    # The files API's largest accepted PUT body (10 GiB); a larger one answers 413.
+    max_upload_bytes: int = 10 * 1024 ** 3
     ffmpeg: str = "ffmpeg"
     ffprobe: str = "ffprobe"
     # None: the web process's threads minus the reserve kept for ordinary requests.
@@ -142,7 +144,7 @@ class Settings:
 POSITIVE = (
     "stale_after_s", "reaper_grace_s", "progress_interval_s", "job_timeout_s", "max_attempts",
     "retention_days", "maintenance_interval_s", "redispatch_after_s", "sse_keepalive_s",
-    "sse_max_duration_s", "web_threads", "web_concurrency",
+    "sse_max_duration_s", "web_threads", "web_concurrency", "max_upload_bytes",
 )
 
 
