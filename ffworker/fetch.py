@@ -17,9 +17,11 @@ import http.client
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -31,6 +33,8 @@ MAX_REDIRECTS = 3
 # after this long, whatever the job's own timeout.
 SOCKET_TIMEOUT_S = 30.0
 CHUNK_BYTES = 1024 * 1024
+# How soon a blocked read notices a cancel, a lost fence or the job's deadline.
+WATCH_INTERVAL_S = 0.1
 REDIRECTS = (301, 302, 303, 307, 308)
 _SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,8}$")
 
@@ -98,64 +102,97 @@ def download(url: str, directory: Path, index: int, *, policy: UrlPolicy, max_by
     Raises FetchFailed (with ``retryable``), or FetchStopped when ``stop`` is set or the
     monotonic ``deadline`` passes. A partial file is removed before raising.
     """
+    def stopped() -> bool:
+        return (stop is not None and stop.is_set()) or time.monotonic() >= deadline
+
     current = url
     for _ in range(MAX_REDIRECTS + 1):
         try:
             policy.check(current)
         except urlguard.BlockedURL as exc:
             raise FetchFailed(_said(url, current, str(exc)), retryable=False) from None
-        response, connection = _get(url, current, policy, deadline)
+        timeout = max(0.001, min(SOCKET_TIMEOUT_S, deadline - time.monotonic()))
+        connection, target = urlguard.open_connection(current, timeout, allow_private=policy.allow_private)
         try:
-            if response.status in REDIRECTS:
-                location = response.getheader("Location")
-                if not location:
-                    raise FetchFailed(_said(url, current, f"answered {response.status} without a Location"),
+            with _interrupted_on(stopped, connection):
+                try:
+                    connection.request("GET", target, headers={"User-Agent": "ffworker", "Accept-Encoding": "identity"})
+                    response = connection.getresponse()
+                except urlguard.BlockedURL as exc:
+                    raise FetchFailed(_said(url, current, str(exc)), retryable=False) from None
+                except (OSError, http.client.HTTPException) as exc:
+                    if stopped():
+                        raise FetchStopped() from None
+                    raise FetchFailed(_said(url, current, f"could not be read ({_reason(exc)})"),
+                                      retryable=True) from None
+                if response.status in REDIRECTS:
+                    location = response.getheader("Location")
+                    if not location:
+                        raise FetchFailed(_said(url, current, f"answered {response.status} without a Location"),
+                                          retryable=False)
+                    current = urljoin(current, location.strip())
+                    continue
+                if response.status >= 500:
+                    raise FetchFailed(_said(url, current, f"answered {response.status}"), retryable=True)
+                if response.status != 200:
+                    raise FetchFailed(_said(url, current, f"answered {response.status}"), retryable=False)
+                declared = response.getheader("Content-Length")
+                if declared and declared.isdigit() and int(declared) > max_bytes:
+                    raise FetchFailed(_said(url, current, f"is larger than the {max_bytes} bytes an input may have"),
                                       retryable=False)
-                current = urljoin(current, location.strip())
-                continue
-            if response.status >= 500:
-                raise FetchFailed(_said(url, current, f"answered {response.status}"), retryable=True)
-            if response.status != 200:
-                raise FetchFailed(_said(url, current, f"answered {response.status}"), retryable=False)
-            declared = response.getheader("Content-Length")
-            if declared and declared.isdigit() and int(declared) > max_bytes:
-                raise FetchFailed(_said(url, current, f"is larger than the {max_bytes} bytes an input may have"),
-                                  retryable=False)
-            path = directory / f"input-{index}{_suffix(current)}"
-            _save(response, path, url, current, max_bytes, deadline, stop)
-            return path
+                path = directory / f"input-{index}{_suffix(current)}"
+                _save(response, path, url, current, max_bytes, stopped)
+                return path
         finally:
             connection.close()
     raise FetchFailed(f"input {url!r}: more than {MAX_REDIRECTS} redirects", retryable=False)
 
 
-def _get(url: str, current: str, policy: UrlPolicy, deadline: float):
-    timeout = max(0.001, min(SOCKET_TIMEOUT_S, deadline - time.monotonic()))
-    connection, target = urlguard.open_connection(current, timeout, allow_private=policy.allow_private)
+@contextmanager
+def _interrupted_on(stopped, connection):
+    """A read blocked on a server that sends nothing must not outlast a cancel or the job's
+    deadline by up to SOCKET_TIMEOUT_S: a watcher shuts the socket down, which ends the
+    read at once (the caller then sees ``stopped()``)."""
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(WATCH_INTERVAL_S):
+            if stopped():
+                sock = connection.sock
+                if sock is not None:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                return
+
+    watcher = threading.Thread(target=watch, name="fetch-watch", daemon=True)
+    watcher.start()
     try:
-        connection.request("GET", target, headers={"User-Agent": "ffworker", "Accept-Encoding": "identity"})
-        return connection.getresponse(), connection
-    except urlguard.BlockedURL as exc:
-        connection.close()
-        raise FetchFailed(_said(url, current, str(exc)), retryable=False) from None
-    except (OSError, http.client.HTTPException) as exc:
-        connection.close()
-        raise FetchFailed(_said(url, current, f"could not be read ({_reason(exc)})"), retryable=True) from None
+        yield
+    finally:
+        done.set()
+        watcher.join()
 
 
-def _save(response, path: Path, url: str, current: str, max_bytes: int, deadline: float,
-          stop: threading.Event | None) -> None:
+def _save(response, path: Path, url: str, current: str, max_bytes: int, stopped) -> None:
     size = 0
     try:
         with open(path, "xb") as out:
             while True:
-                if (stop is not None and stop.is_set()) or time.monotonic() >= deadline:
+                if stopped():
                     raise FetchStopped()
                 try:
-                    chunk = response.read(CHUNK_BYTES)
+                    # read1: whatever has arrived (up to a chunk), so a slow server's bytes are
+                    # written as they come and the stop is checked between them.
+                    chunk = response.read1(CHUNK_BYTES)
                 except (OSError, http.client.HTTPException) as exc:
+                    if stopped():
+                        raise FetchStopped() from None
                     raise FetchFailed(_said(url, current, f"broke off ({_reason(exc)})"), retryable=True) from None
                 if not chunk:
+                    if stopped():
+                        raise FetchStopped()
                     break
                 size += len(chunk)
                 if size > max_bytes:

@@ -10,6 +10,7 @@ import ipaddress
 import socket
 import tempfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -27,6 +28,11 @@ class MediaServer:
     def __init__(self) -> None:
         self.routes: dict[str, tuple[int, dict, bytes]] = {}
         self.requests: list[str] = []
+        # A request for a path in ``stall`` gets its headers and a first kilobyte, then
+        # nothing until ``release`` is set: a server that stops sending.
+        self.stall: set[str] = set()
+        self.stalled = threading.Event()
+        self.release = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -34,6 +40,15 @@ class MediaServer:
 
             def do_GET(self):
                 server.requests.append(self.path)
+                if self.path in server.stall:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(10 << 20))
+                    self.end_headers()
+                    self.wfile.write(b"x" * 1024)
+                    self.wfile.flush()
+                    server.stalled.set()
+                    server.release.wait(60)
+                    return
                 status, headers, body = server.routes.get(self.path, (404, {}, b"not here"))
                 self.send_response(status)
                 for name, value in headers.items():
@@ -54,6 +69,7 @@ class MediaServer:
         return f"http://{host}:{self.port}{path}"
 
     def close(self) -> None:
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -235,6 +251,8 @@ def test_a_redirect_to_an_internal_address_is_refused(ledger, url_settings, tena
             return self.location if name == "Location" else default
 
     class FakePublicServer:
+        sock = None
+
         def request(self, *args, **kwargs):
             pass
 
@@ -258,3 +276,33 @@ def test_a_redirect_to_an_internal_address_is_refused(ledger, url_settings, tena
     assert (row["status"], row["error_code"]) == ("failed", "input_unavailable")
     assert "redirected to 'http://169.254.169.254/latest/meta-data/'" in row["error_message"]
     assert "metadata" in row["error_message"]
+
+
+def test_a_cancel_during_a_stalled_download_ends_the_run_at_once(ledger, url_settings, tenant, media_server):
+    media_server.stall.add("/slow.mp4")
+    job = new_job(ledger, tenant, kind="transcode", spec=transcode_of(media_server.url("/slow.mp4")))
+    reports = []
+    run = threading.Thread(target=lambda: reports.append(worker.run(job["id"], ledger, url_settings)))
+    run.start()
+    assert media_server.stalled.wait(30)
+    cancelled_at = time.monotonic()
+    ledger.request_cancel(job["id"], tenant.id)
+    run.join(60)
+
+    # Seen at the next heartbeat, not when the silent server's 30 s read timeout runs out.
+    assert time.monotonic() - cancelled_at < 5
+    assert [r.outcome for r in reports] == ["cancelled"] and ledger.get(job["id"])["status"] == "cancelled"
+    assert downloads_left(job["id"]) == []
+
+
+def test_a_stalled_download_ends_at_the_jobs_timeout(ledger, url_settings, tenant, media_server):
+    media_server.stall.add("/slow.mp4")
+    job = new_job(ledger, tenant, kind="transcode", spec=transcode_of(media_server.url("/slow.mp4")), timeout_s=2)
+    started = time.monotonic()
+
+    worker.run(job["id"], ledger, url_settings)
+
+    row = ledger.get(job["id"])
+    assert (row["status"], row["error_code"]) == ("failed", "timeout")
+    assert time.monotonic() - started < 10
+    assert downloads_left(job["id"]) == []
