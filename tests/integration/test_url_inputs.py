@@ -182,14 +182,14 @@ def test_a_url_input_is_downloaded_through_a_redirect_and_transcoded(
     assert downloads_left(job["id"]) == []
 
 
-@pytest.mark.parametrize("route, max_bytes, status, retried", [
-    ((404, {}, b"gone"), None, "failed", False),
-    ((403, {}, b"no"), None, "failed", False),
-    ((503, {}, b"busy"), None, "queued", True),
-    ((200, {}, b"x" * 5000), 4096, "failed", False),
+@pytest.mark.parametrize("route, max_bytes, status", [
+    ((404, {}, b"gone"), None, "failed"),               # deterministic: failed at once
+    ((403, {}, b"no"), None, "failed"),
+    ((503, {}, b"busy"), None, "queued"),               # transient: queued again with backoff
+    ((200, {}, b"x" * 5000), 4096, "failed"),           # over the size cap
 ])
 def test_download_failures_are_input_unavailable(
-        ledger, url_settings, tenant, media_server, route, max_bytes, status, retried):
+        ledger, url_settings, tenant, media_server, route, max_bytes, status):
     media_server.routes["/a.mp4"] = route
     settings = url_settings.with_overrides(max_upload_bytes=max_bytes) if max_bytes else url_settings
     job = new_job(ledger, tenant, kind="transcode", spec=transcode_of(media_server.url("/a.mp4")))
