@@ -9,7 +9,7 @@ from flask import Response, current_app, g, request, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint, abort
 
-from ffworker import kinds, paths, sse as live, urlguard
+from ffworker import fetch, kinds, paths, sse as live, urlguard
 from ffworker.dispatch import dispatch
 from ffworker.errors import AlreadyTerminal, JobBusy, JobNotFound, NotRetryable
 from ffworker.api_support import decode_cursor, encode_cursor, require_tenant
@@ -49,7 +49,8 @@ def _refuse_by_kind(kind_name: str, spec: dict) -> None:
     refusal = kind.unavailable(services().settings)
     if refusal:
         abort(422, errors={"kind": [refusal]})
-    errors = kind.check(paths.tenant_root(services().settings, g.tenant.name), spec)
+    settings = services().settings
+    errors = kind.check(paths.tenant_root(settings, g.tenant.name), spec, urls=fetch.UrlPolicy.from_settings(settings))
     if errors:
         abort(422, errors=errors)
 

@@ -41,10 +41,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     api.spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer"})
     api.spec.options["security"] = [{"bearerAuth": []}]
     from ffworker.api import blp
+    from ffworker.files_api import blp as files_blp
     from ffworker.webhooks_api import blp as webhooks_blp
 
     api.register_blueprint(blp)
     api.register_blueprint(webhooks_blp)
+    api.register_blueprint(files_blp)
     _register_events(app, settings)
     _register_probes(app)
     _register_metrics(app, settings)

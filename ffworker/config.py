@@ -54,8 +54,16 @@ class Settings:
     # Behind a reverse proxy that sets X-Forwarded-Proto: honour it (the dashboard's cookie is
     # Secure when the proxy says https). Off: only the connection itself decides.
     trust_proxy: bool = False
-    # Lifts the SSRF guard of webhook URLs (ffworker/urlguard.py): for tests and private deployments.
+    # Lifts the SSRF guard of webhook URLs and URL inputs (ffworker/urlguard.py): for tests and
+    # private deployments.
     allow_private_urls: bool = False
+    # Inputs may be https:// URLs, downloaded by the worker (ffworker/fetch.py); http:// too
+    # with allow_http_inputs.
+    allow_url_inputs: bool = False
+    allow_http_inputs: bool = False
+    # The largest file ffworker takes in (10 GiB): a files API upload (413 beyond) and each
+    # downloaded URL input.
+    max_upload_bytes: int = 10 * 1024 ** 3
     ffmpeg: str = "ffmpeg"
     ffprobe: str = "ffprobe"
     # None: the web process's threads minus the reserve kept for ordinary requests.
@@ -127,6 +135,9 @@ class Settings:
         # Three heartbeats per stale window: one late heartbeat must not get a live job reaped.
         if not self.stale_after_s >= 3 * self.progress_interval_s:
             self._fail("stale_after_s", f"must be at least 3 × {self._show('progress_interval_s')}")
+        # Said at start-up rather than found out when every http input is refused.
+        if self.allow_http_inputs and not self.allow_url_inputs:
+            self._fail("allow_http_inputs", f"needs {self.env_name('allow_url_inputs')}=1")
 
     def _show(self, name: str) -> str:
         value = _spell(getattr(self, name))
@@ -142,7 +153,7 @@ class Settings:
 POSITIVE = (
     "stale_after_s", "reaper_grace_s", "progress_interval_s", "job_timeout_s", "max_attempts",
     "retention_days", "maintenance_interval_s", "redispatch_after_s", "sse_keepalive_s",
-    "sse_max_duration_s", "web_threads", "web_concurrency",
+    "sse_max_duration_s", "web_threads", "web_concurrency", "max_upload_bytes",
 )
 
 

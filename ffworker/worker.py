@@ -21,7 +21,7 @@ from pathlib import Path
 
 from sqlalchemy.exc import DBAPIError
 
-from ffworker import kinds, media, outputs, paths, process
+from ffworker import fetch, kinds, media, outputs, paths, process
 from ffworker.config import Settings
 from ffworker.errors import FencedOut, NotClaimable
 from ffworker.kinds.base import INPUT_FORMATS, Output, Plan, PlanError
@@ -172,6 +172,8 @@ class JobRun:
         self.final_progress: Progress | None = None
         self.outputs_already_placed = False
         self.swept_dirs: set[Path] = set()
+        self.scratch_dir: Path | None = None   # downloaded URL inputs (ffworker.fetch)
+        self.downloads = 0
         # An earlier attempt died while placing outputs: what it placed is ours to replace.
         self.replaces_own_outputs = claim.job.get("outputs_placed_attempt") is not None
 
@@ -398,7 +400,28 @@ class JobRun:
     # -- the planner's context (ffworker.kinds.base.RunContext) ---------------
 
     def input(self, user_path: str) -> Path:
+        if fetch.is_url(user_path):
+            return self.download(user_path)
         return paths.input_path(self.root, user_path)
+
+    def download(self, url: str) -> Path:
+        """A URL input, downloaded to this run's scratch directory (removed in ``cleanup``)."""
+        if self.scratch_dir is None:
+            self.scratch_dir = fetch.scratch_dir(str(self.job_id), self.token)
+        self.downloads += 1
+        with self.heartbeating() as beats:
+            try:
+                path = fetch.download(url, self.scratch_dir, self.downloads,
+                                      policy=fetch.UrlPolicy.from_settings(self.settings),
+                                      max_bytes=self.settings.max_upload_bytes, deadline=self.deadline,
+                                      stop=beats.stop)
+            except fetch.FetchFailed as exc:
+                raise RunFailure("input_unavailable", exc.message, retryable=exc.retryable) from None
+            except fetch.FetchStopped:
+                if beats.reason is None:
+                    raise self.timed_out() from None
+                path = None  # stopped by a cancel or a lost fence: leaving the block raises RunStopped
+        return path
 
     def probe(self, path: Path, *, extradata_hash: bool = False) -> dict:
         return self.probe_many([path], extradata_hash=extradata_hash)[0]
@@ -511,6 +534,8 @@ class JobRun:
         self.discard_outputs()
         for path in self.scratch_files:
             self.quietly("remove_scratch", lambda: outputs.remove(path))
+        if self.scratch_dir is not None:
+            self.quietly("remove_downloads", lambda: outputs.remove(self.scratch_dir))
 
     def sweep_predecessors(self, directory: Path) -> None:
         """Remove what earlier attempts of this job left beside our outputs (a killed

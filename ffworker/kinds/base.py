@@ -15,7 +15,7 @@ from typing import Callable, Mapping, Protocol
 
 from marshmallow import Schema
 
-from ffworker import paths
+from ffworker import fetch, paths, urlguard
 
 # The demuxers ffprobe and ffmpeg may pick for a tenant's file (-format_whitelist).
 # Left to auto-detection, a file named in.mp4 that holds an HLS playlist, a concat
@@ -97,8 +97,9 @@ class RunContext(Protocol):
 
 
 Planner = Callable[[RunContext], Plan]
-# Submit time: (the tenant's media directory, the validated spec) → field → messages.
-PathCheck = Callable[[Path, dict], dict[str, list[str]]]
+# Submit time: (the tenant's media directory, the validated spec) → field → messages. Called
+# with ``urls=`` the server's UrlPolicy (ffworker.fetch): what an input field may hold as a URL.
+PathCheck = Callable[..., dict[str, list[str]]]
 
 
 def always_available(settings: object) -> str | None:
@@ -123,13 +124,19 @@ def field_check(inputs: tuple[str, ...] = (),
     output files (with their allowed suffixes). Messages mention only the caller's own paths."""
     outputs = dict(outputs or {})
 
-    def check(root: Path, spec: dict) -> dict[str, list[str]]:
+    def check(root: Path, spec: dict, *, urls: fetch.UrlPolicy = fetch.UrlPolicy()) -> dict[str, list[str]]:
         overwrite = spec.get("overwrite", False)
         errors: dict[str, list[str]] = {}
         resolved_inputs = set()
         for name in inputs:
             values = spec.get(name)
             for value in values if isinstance(values, list) else [values]:
+                if fetch.is_url(value):
+                    try:
+                        urls.check(value)
+                    except urlguard.BlockedURL as exc:
+                        errors.setdefault(name, []).append(f"{value[:80]!r} {exc}")
+                    continue
                 try:
                     resolved_inputs.add(paths.input_path(root, value))
                 except paths.UnsafePath as exc:

@@ -518,8 +518,10 @@ def unavailable(settings) -> str | None:
     return None if getattr(settings, "allow_raw_commands", False) else DISABLED_MESSAGE
 
 
-def check(root: Path, spec: dict) -> dict[str, list[str]]:
-    """Parse the argv and confine every path it names; field → messages (only the caller's own paths)."""
+def check(root: Path, spec: dict, **context) -> dict[str, list[str]]:
+    """Parse the argv and confine every path it names; field → messages (only the caller's own paths).
+
+    Raw commands take no URL inputs (``context``'s URL policy is not used): every path is a file."""
     try:
         command = parse(spec.get("args"))
     except CommandRefused as exc:

@@ -91,9 +91,9 @@ def output_dir_problems(root: Path, spec: dict) -> list[str]:
 _check_input = field_check(inputs=("input",))
 
 
-def check(root: Path, spec: dict) -> dict[str, list[str]]:
+def check(root: Path, spec: dict, **context) -> dict[str, list[str]]:
     """Submit-time path checks of the input and ``output_dir``; field → messages."""
-    errors = _check_input(root, spec)
+    errors = _check_input(root, spec, **context)
     problems = output_dir_problems(root, spec)
     if problems:
         errors["output_dir"] = problems
