@@ -246,6 +246,37 @@ def _complete_statement():
 _COMPLETE = _complete_statement()
 
 
+def _heartbeat_statement():
+    """The fenced heartbeat, every optional part switched by a boolean parameter.
+
+    Built once: a run writes it every progress interval, and building it per call (≈ 1.8 ms
+    of SQLAlchemy construction and cache-key work) cost more than the round trip. It
+    touches only unindexed columns (an unchanged value counts as untouched), so PostgreSQL
+    can keep it a HOT update; the NOTIFY fires only for a write that carries progress.
+    """
+    has_progress = bindparam("has_progress", type_=Boolean)
+    placing = bindparam("placing_outputs", type_=Boolean)
+    progress = {
+        column: case((has_progress, bindparam(f"p_{key}", type_=jobs.c[column].type)), else_=jobs.c[column])
+        for key, column in PROGRESS_COLUMNS.items()
+    }
+    return (
+        _fenced(update(jobs))
+        .values(
+            heartbeat_at=func.now(), updated_at=func.now(),
+            progress_at=case((has_progress, func.now()), else_=jobs.c.progress_at), **progress,
+            media_duration_s=func.coalesce(bindparam("media_duration_s", type_=Double), jobs.c.media_duration_s),
+            outputs_placed_attempt=case((placing, bindparam("token")), else_=jobs.c.outputs_placed_attempt),
+            result=case((bindparam("has_result", type_=Boolean), bindparam("placed_result", type_=JSONB)),
+                        else_=jobs.c.result),
+        )
+        .returning(jobs.c.cancel_requested_at, case((has_progress, _notice("progress"))))
+    )
+
+
+_HEARTBEAT = _heartbeat_statement()
+
+
 def _fail_statement():
     """running → queued (a transient failure with attempts left, after the backoff) or
     failed; cancelled whatever the failure when a cancel was requested: the user asked
@@ -511,28 +542,14 @@ class Ledger:
 
         Touches only unindexed columns so PostgreSQL can keep it a HOT update.
         """
-        values: dict[str, Any] = {"heartbeat_at": func.now(), "updated_at": func.now()}
-        if progress is not None:
-            values["progress_at"] = func.now()
-            for key, column in PROGRESS_COLUMNS.items():
-                values[column] = progress.get(key)
-        if media_duration_s is not None:
-            values["media_duration_s"] = media_duration_s
-        if placing_outputs:
-            values["outputs_placed_attempt"] = token
-            if placed_result is not None:
-                values["result"] = placed_result
-        returning = [jobs.c.cancel_requested_at]
-        if progress is not None:
-            returning.append(_notice("progress"))
-        statement = (
-            update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.status == "running", jobs.c.attempts == token)
-            .values(**values)
-            .returning(*returning)
-        )
+        params = {
+            "job_id": job_id, "token": token, "has_progress": progress is not None,
+            "media_duration_s": media_duration_s, "placing_outputs": placing_outputs,
+            "has_result": placing_outputs and placed_result is not None, "placed_result": placed_result,
+            **{f"p_{key}": (progress or {}).get(key) for key in PROGRESS_COLUMNS},
+        }
         with self._autocommit() as conn:
-            row = conn.execute(statement).first()
+            row = conn.execute(_HEARTBEAT, params).first()
         if row is None:
             raise FencedOut(job_id, f"attempt {token} of job {job_id} no longer owns it")
         return Heartbeat(cancel_requested=row.cancel_requested_at is not None)
