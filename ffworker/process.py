@@ -163,9 +163,21 @@ class FfmpegOutcome:
     stderr_tail: str
     stopped: str | None = None   # why we killed it: the tick's reason, or "timeout"
     last_progress: Progress | None = None
+    progress_blocks: int = 0     # how many progress blocks ffmpeg printed
 
 
 Tick = Callable[[Progress | None], str | None]
+
+
+def ffmpeg_argv(args: list[str], progress_period_s: float) -> list[str]:
+    """The full ffmpeg command line of a job: quiet, progress blocks on stdout.
+
+    ``-stats_period`` makes ffmpeg print a progress block once per ``progress_period_s``
+    instead of every 0.5 s: the run passes on at most one snapshot per heartbeat, so
+    more frequent blocks were only parsed to be dropped (and woke the worker for it).
+    """
+    return [FFMPEG, "-hide_banner", "-nostdin", "-nostats", "-loglevel", "error",
+            "-stats_period", f"{progress_period_s:g}", "-progress", "pipe:1", *args]
 
 
 def run_ffmpeg(
@@ -179,8 +191,8 @@ def run_ffmpeg(
     stops the run: the process group is killed and that value is reported as
     ``stopped``. Passing ``timeout_s`` kills the run with ``stopped="timeout"``.
     """
-    argv = [FFMPEG, "-hide_banner", "-nostdin", "-nostats", "-loglevel", "error",
-            "-progress", "pipe:1", *args]
+    argv = ffmpeg_argv(args, tick_interval_s)
+    blocks = 0
     parser = ProgressParser(duration_s)
     stderr_tail: deque[bytes] = deque()
     stderr_size = 0
@@ -199,7 +211,8 @@ def run_ffmpeg(
     def stop(reason: str) -> FfmpegOutcome:
         kill_group(proc)
         selector.close()
-        return FfmpegOutcome(proc.returncode, _tail(stderr_tail), stopped=reason, last_progress=last)
+        return FfmpegOutcome(proc.returncode, _tail(stderr_tail), stopped=reason, last_progress=last,
+                             progress_blocks=blocks)
 
     try:
         while selector.get_map():
@@ -219,6 +232,7 @@ def run_ffmpeg(
                     for line in lines:
                         snapshot = parser.feed_line(line.decode("utf-8", "replace"))
                         if snapshot is not None:
+                            blocks += 1
                             pending = last = snapshot
             now = time.monotonic()
             if now >= deadline:
@@ -239,7 +253,7 @@ def run_ffmpeg(
         proc.stdout.close()
         proc.stderr.close()
     selector.close()
-    return FfmpegOutcome(proc.returncode, _tail(stderr_tail), last_progress=last)
+    return FfmpegOutcome(proc.returncode, _tail(stderr_tail), last_progress=last, progress_blocks=blocks)
 
 
 def _tail(chunks: deque[bytes]) -> str:

@@ -41,3 +41,31 @@ def test_the_heartbeat_builds_no_statement_per_call(engine, ledger, tenant, monk
     assert row["progress_at"] == with_progress["progress_at"]
     assert row["media_duration_s"] == 10.0
     assert (row["outputs_placed_attempt"], row["result"]) == (claim.token, {"outputs": []})
+
+
+def counting_wrapper(tmp_path: Path, binary: str) -> tuple[str, Path]:
+    """A stand-in that runs the real ``binary`` and appends what it prints on stdout to a log."""
+    log = tmp_path / f"{binary}.stdout"
+    script = tmp_path / f"{binary}-counted"
+    script.write_text(f'#!/bin/sh\necho run >> "{log}.runs"\n{binary} "$@" | tee -a "{log}"\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return str(script), log
+
+
+def test_ffmpeg_prints_one_progress_block_per_heartbeat_interval(tmp_path, monkeypatch):
+    # ffmpeg's default is a block every 0.5 s, each parsed and then dropped by a run that
+    # passes on one snapshot per interval. 3 s of real-time input at an interval of 1.5 s:
+    # two blocks and the final one (seven at the default period).
+    binary, log = counting_wrapper(tmp_path, "ffmpeg")
+    monkeypatch.setattr(process, "FFMPEG", binary)
+    seen = []
+
+    outcome = process.run_ffmpeg(
+        ["-re", "-f", "lavfi", "-i", "testsrc2=size=64x64:rate=10:duration=3", "-f", "null", "-"],
+        duration_s=3.0, tick=lambda progress: seen.append(progress) and None, tick_interval_s=1.5, timeout_s=30,
+    )
+
+    assert outcome.returncode == 0 and outcome.stopped is None
+    blocks = log.read_text().count("progress=")
+    assert 2 <= blocks <= 3
+    assert outcome.last_progress.ended and outcome.last_progress.percent == 100.0
