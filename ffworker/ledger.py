@@ -27,11 +27,12 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import OperationalError
 
 from ffworker.errors import AlreadyTerminal, FencedOut, JobBusy, JobNotFound, NotClaimable, NotRetryable
-from ffworker.models import NOTIFY_CHANNEL as CHANNEL, TERMINAL_STATUSES, Job, JobEvent, Tenant
+from ffworker.models import NOTIFY_CHANNEL as CHANNEL, TERMINAL_STATUSES, Job, JobEvent, ProbeCache, Tenant
 
 jobs = Job.__table__
 events = JobEvent.__table__
 tenants = Tenant.__table__
+probe_cache = ProbeCache.__table__
 
 Row = Mapping[str, Any]
 
@@ -275,6 +276,39 @@ def _heartbeat_statement():
 
 
 _HEARTBEAT = _heartbeat_statement()
+
+
+@dataclass(frozen=True)
+class ProbeKey:
+    """What a cached probe is valid for: a tenant's file as ``stat`` saw it, probed so."""
+
+    path: str          # relative to the tenant's directory
+    size_bytes: int
+    mtime_ns: int
+    ctime_ns: int      # a file whose mtime was set back still has a new ctime
+    inode: int         # a file replaced by a rename has another inode
+    options: str       # how ffprobe ran (binary, demuxer whitelist, hashes)
+
+
+_PROBE_KEY_COLUMNS = ("size_bytes", "mtime_ns", "ctime_ns", "inode", "options")
+_CACHED_PROBES = select(
+    probe_cache.c.path, probe_cache.c.probe, *(probe_cache.c[column] for column in _PROBE_KEY_COLUMNS),
+).where(
+    probe_cache.c.tenant_id == bindparam("tenant_id"), probe_cache.c.path.in_(bindparam("paths", expanding=True)),
+)
+def _store_probe_statement():
+    """Insert or replace a path's probe: one row per (tenant, path), whatever it held before."""
+    statement = pg_insert(probe_cache).values(
+        tenant_id=bindparam("tenant_id"), path=bindparam("path"), probe=bindparam("probe", type_=JSONB),
+        **{column: bindparam(column) for column in _PROBE_KEY_COLUMNS},
+    )
+    return statement.on_conflict_do_update(
+        index_elements=[probe_cache.c.tenant_id, probe_cache.c.path],
+        set_={**{c: statement.excluded[c] for c in (*_PROBE_KEY_COLUMNS, "probe")}, "probed_at": func.now()},
+    )
+
+
+_STORE_PROBE = _store_probe_statement()
 
 
 def _fail_statement():
@@ -553,6 +587,27 @@ class Ledger:
         if row is None:
             raise FencedOut(job_id, f"attempt {token} of job {job_id} no longer owns it")
         return Heartbeat(cancel_requested=row.cancel_requested_at is not None)
+
+    # -- probe cache ----------------------------------------------------------
+
+    def cached_probes(self, tenant_id, keys: list[ProbeKey]) -> list[dict | None]:
+        """The stored probe of each file whose stat and options still equal the key's, else None."""
+        if not keys:
+            return []
+        with self._autocommit() as conn:
+            rows = conn.execute(_CACHED_PROBES, {"tenant_id": tenant_id,
+                                                 "paths": sorted({key.path for key in keys})}).mappings().all()
+        stored = {(row["path"], *(row[c] for c in _PROBE_KEY_COLUMNS)): row["probe"] for row in rows}
+        return [stored.get((key.path, *(getattr(key, c) for c in _PROBE_KEY_COLUMNS))) for key in keys]
+
+    def store_probes(self, tenant_id, entries: list[tuple[ProbeKey, dict]]) -> None:
+        """Keep each file's probe for its key, replacing what was stored for that path."""
+        if not entries:
+            return
+        params = [{"tenant_id": tenant_id, "path": key.path, "probe": probe,
+                   **{c: getattr(key, c) for c in _PROBE_KEY_COLUMNS}} for key, probe in entries]
+        with self._autocommit() as conn:
+            conn.execute(_STORE_PROBE, params)
 
     def complete(
         self, job_id, token: int, result: dict, *,

@@ -84,6 +84,16 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def probe_argv(*, formats: str | None = None, extradata_hash: bool = False) -> list[str]:
+    """ffprobe's command line without the file: also what a cached probe says it was made with."""
+    argv = [FFPROBE, "-v", "error", "-protocol_whitelist", "file"]
+    if formats is not None:
+        argv += ["-format_whitelist", formats]
+    if extradata_hash:
+        argv += ["-show_data_hash", "sha256"]
+    return argv + ["-print_format", "json", "-show_format", "-show_streams"]
+
+
 def ffprobe(path: str, timeout_s: float = 60.0, *, formats: str | None = None, extradata_hash: bool = False,
             stop: threading.Event | None = None) -> dict:
     """ffprobe's JSON description (format and streams) of a local file.
@@ -107,12 +117,7 @@ def ffprobe_many(
     Setting ``stop`` (a cancel seen by the caller's heartbeat) kills them too, within
     ``STOP_POLL_S``: ProbeFailed with ``stopped``.
     """
-    argv = [FFPROBE, "-v", "error", "-protocol_whitelist", "file"]
-    if formats is not None:
-        argv += ["-format_whitelist", formats]
-    if extradata_hash:
-        argv += ["-show_data_hash", "sha256"]
-    argv += ["-print_format", "json", "-show_format", "-show_streams"]
+    argv = probe_argv(formats=formats, extradata_hash=extradata_hash)
     deadline = time.monotonic() + timeout_s
     running: deque[subprocess.Popen] = deque()
     results: list[dict] = []
