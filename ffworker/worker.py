@@ -105,6 +105,15 @@ def os_error_is_transient(exc: OSError) -> bool:
     return OS_ERRORS.get(exc.errno, True)
 
 
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """Size, mtime and inode: what moving a file into place leaves as it was."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -178,6 +187,7 @@ class JobRun:
         self.replaces_own_outputs = claim.job.get("outputs_placed_attempt") is not None
         # Seconds spent per step of the run (logged with its completion; bench/overhead reads them).
         self.phases: dict[str, float] = {}
+        self.described_probes: list[tuple[Output, tuple[int, int, int], dict]] = []
 
     @contextmanager
     def phase(self, name: str):
@@ -220,6 +230,7 @@ class JobRun:
                     self.job_id, self.token, result, media_duration_s=self.media_duration_s,
                     progress=self.final_progress.as_dict() if self.final_progress else None))
             self.log("completed", phases_ms={name: round(1000 * s, 1) for name, s in self.phases.items()})
+            self.remember_outputs()
             return "completed"
         except RunStopped as stop:
             return self.stopped(stop.reason)
@@ -470,6 +481,17 @@ class JobRun:
             return [None] * len(keys)
         return [next(found) if key is not None else None for key in keys]
 
+    def remember_outputs(self) -> None:
+        """Store the placed outputs' probes under their final names (moving a file into place
+        keeps its size, mtime and inode; only its ctime is new)."""
+        options = " ".join(process.probe_argv(formats=INPUT_FORMATS))
+        entries = []
+        for output, identity, probe in self.described_probes:
+            key = self.probe_key(output.final, options)
+            if key is not None and (key.size_bytes, key.mtime_ns, key.inode) == identity:
+                entries.append((key, probe))
+        self.store_probes(entries)
+
     def store_probes(self, entries: list) -> None:
         try:
             self.ledger.store_probes(self.job["tenant_id"], entries)
@@ -520,6 +542,9 @@ class JobRun:
         described = path / output.entry if output.entry else path
         if self.remaining_s() <= 0:
             raise self.timed_out()
+        # A file output probed as inputs are is remembered once placed: a later job that
+        # reads it (a thumbnail of a transcode, a merge of them) need not probe it again.
+        before = _identity(described) if not output.is_dir and output.formats == INPUT_FORMATS else None
         try:
             probe = process.ffprobe(str(described), timeout_s=self.remaining_s(), formats=output.formats,
                                     stop=beats.stop if beats else None)
@@ -527,6 +552,8 @@ class JobRun:
             self.raise_if_not_about_the_file(exc, beats)
             raise RunFailure("ffmpeg_failed", f"ffmpeg wrote an output that ffprobe cannot read: "
                                               f"{output.described_user_path!r}", stderr_tail=exc.stderr_tail) from None
+        if before is not None and _identity(described) == before:
+            self.described_probes.append((output, before, probe))
         size = outputs.size_bytes(path)
         return media.output_summary(output.described_user_path, probe, size)
 

@@ -136,3 +136,21 @@ def test_a_concat_names_the_unreadable_input_when_the_others_are_cached(ledger, 
     row = ledger.get(job["id"])
     assert (row["status"], row["error_code"]) == ("failed", "invalid_input")
     assert "input 3 ('broken.mp4')" in row["error_message"]
+
+
+def test_a_placed_output_is_not_probed_again_by_the_next_job(ledger, settings, tenant, make_clip, tmp_path,
+                                                             monkeypatch):
+    make_clip(tenant.media / "in.mp4", seconds=1.0)
+    binary, log = counting_wrapper(tmp_path, "ffprobe", keep_stdout=False)
+    monkeypatch.setattr(process, "FFPROBE", binary)
+    transcoded = run_job(ledger, settings, tenant, "transcode",
+                         {"input": "in.mp4", "output": "out/small.mp4", "video": {"codec": "h264", "height": 120}})
+    assert runs_of(log) == 2  # the input, then the output
+
+    probed = run_job(ledger, settings, tenant, "probe", {"input": "out/small.mp4"})
+
+    assert runs_of(log) == 2
+    expected = process.ffprobe(str(tenant.media / "out/small.mp4"), formats=INPUT_FORMATS)
+    assert probed["result"]["media"] == media.summarize(expected)
+    assert transcoded["result"]["outputs"][0] == media.output_summary(
+        "out/small.mp4", expected, (tenant.media / "out/small.mp4").stat().st_size)
