@@ -188,6 +188,7 @@ class JobRun:
         # Seconds spent per step of the run (logged with its completion; bench/overhead reads them).
         self.phases: dict[str, float] = {}
         self.described_probes: list[tuple[Output, tuple[int, int, int], dict]] = []
+        self.probes_to_store: list[tuple[ProbeKey, dict]] = []
 
     @contextmanager
     def phase(self, name: str):
@@ -230,7 +231,7 @@ class JobRun:
                     self.job_id, self.token, result, media_duration_s=self.media_duration_s,
                     progress=self.final_progress.as_dict() if self.final_progress else None))
             self.log("completed", phases_ms={name: round(1000 * s, 1) for name, s in self.phases.items()})
-            self.remember_outputs()
+            self.remember_probes()
             return "completed"
         except RunStopped as stop:
             return self.stopped(stop.reason)
@@ -459,8 +460,9 @@ class JobRun:
         for index, probe in zip(missing, found):
             probes[index] = probe
         # Only a file that did not change while ffprobe read it is described by what it printed.
-        self.store_probes([(keys[index], probes[index]) for index in missing
-                           if keys[index] is not None and self.probe_key(sources[index], options) == keys[index]])
+        # Stored once the job is completed: the insert then delays nobody.
+        self.probes_to_store += [(keys[index], probes[index]) for index in missing
+                                 if keys[index] is not None and self.probe_key(sources[index], options) == keys[index]]
         return probes
 
     def probe_key(self, path: Path, options: str) -> ProbeKey | None:
@@ -481,11 +483,11 @@ class JobRun:
             return [None] * len(keys)
         return [next(found) if key is not None else None for key in keys]
 
-    def remember_outputs(self) -> None:
-        """Store the placed outputs' probes under their final names (moving a file into place
-        keeps its size, mtime and inode; only its ctime is new)."""
+    def remember_probes(self) -> None:
+        """Store the inputs' new probes, and the placed outputs' under their final names (moving
+        a file into place keeps its size, mtime and inode; only its ctime is new)."""
         options = " ".join(process.probe_argv(formats=INPUT_FORMATS))
-        entries = []
+        entries = list(self.probes_to_store)
         for output, identity, probe in self.described_probes:
             key = self.probe_key(output.final, options)
             if key is not None and (key.size_bytes, key.mtime_ns, key.inode) == identity:
