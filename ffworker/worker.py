@@ -231,7 +231,8 @@ class JobRun:
                     self.job_id, self.token, result, media_duration_s=self.media_duration_s,
                     progress=self.final_progress.as_dict() if self.final_progress else None))
             self.log("completed", phases_ms={name: round(1000 * s, 1) for name, s in self.phases.items()})
-            self.remember_probes()
+            # After the completion nothing may change the run's outcome: a failure here is logged.
+            self.quietly("remember_probes", self.remember_probes)
             return "completed"
         except RunStopped as stop:
             return self.stopped(stop.reason)

@@ -154,3 +154,19 @@ def test_a_placed_output_is_not_probed_again_by_the_next_job(ledger, settings, t
     assert probed["result"]["media"] == media.summarize(expected)
     assert transcoded["result"]["outputs"][0] == media.output_summary(
         "out/small.mp4", expected, (tenant.media / "out/small.mp4").stat().st_size)
+
+
+def test_a_probe_cache_that_cannot_store_leaves_the_completed_outcome(ledger, settings, tenant, make_clip,
+                                                                      monkeypatch):
+    make_clip(tenant.media / "in.mp4")
+
+    def refuse(*_args, **_kwargs):
+        raise RuntimeError("the probe cache is broken")
+
+    monkeypatch.setattr(ledger, "store_probes", refuse)
+    job = new_job(ledger, tenant, kind="probe", spec={"input": "in.mp4"})
+
+    report = worker.run(job["id"], ledger, settings)
+
+    assert report.outcome == "completed"
+    assert ledger.get(job["id"])["status"] == "completed"
