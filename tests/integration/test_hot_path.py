@@ -11,7 +11,6 @@ import stat
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
 
 from ffworker import ledger as ledger_module
 from ffworker import media, process, worker
