@@ -122,12 +122,17 @@ def purge_queue(app) -> None:
 
 
 @contextmanager
-def worker(concurrency: int, env: dict[str, str] | None = None):
-    """A real `celery worker` (the Procfile's options) on this script's queue, until the block ends."""
-    log = open(ROOT / "var" / f"bench-worker-{os.getpid()}.log", "ab") if (ROOT / "var").is_dir() else subprocess.DEVNULL
+def worker(concurrency: int, env: dict[str, str] | None = None, log_path: Path | None = None,
+           loglevel: str = "WARNING"):
+    """A real `celery worker` (the Procfile's options) on this script's queue, until the block ends.
+
+    Its log goes to ``log_path`` (else var/bench-worker-<pid>.log when var/ exists)."""
+    if log_path is None and (ROOT / "var").is_dir():
+        log_path = ROOT / "var" / f"bench-worker-{os.getpid()}.log"
+    log = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "ffworker.celery_app", "worker", "-Q", QUEUE,
-         "-c", str(concurrency), "--prefetch-multiplier", "1", "-O", "fair", "--loglevel", "WARNING",
+         "-c", str(concurrency), "--prefetch-multiplier", "1", "-O", "fair", "--loglevel", loglevel,
          "--without-gossip", "--without-mingle", "--without-heartbeat"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, **(env or {})},
@@ -156,6 +161,47 @@ def generate_clip(path: Path, seconds: float, size: str = "1280x720", rate: int 
         check=True,
     )
     return path
+
+
+def process_cpu_s(pids) -> float:
+    """User + system CPU seconds the processes used themselves (not their waited-for children)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
+def processes_named(name: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as comm:
+                    if comm.read().strip() == name:
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def group_members(pgid: int) -> list[int]:
+    """The processes of a process group (a worker and its pool), ffmpeg children aside."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getpgid(int(entry)) == pgid and open(f"/proc/{entry}/comm").read().strip() not in (
+                        "ffmpeg", "ffprobe"):
+                    members.append(int(entry))
+            except OSError:
+                continue
+    return members
 
 
 def percentile(values, q: float) -> float:

@@ -411,3 +411,25 @@ class WebhookTotal(Base):
     seconds_buckets: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
 
     __table_args__ = (Index("uq_webhook_totals_key", "tenant_id", "counter", "outcome", unique=True),)
+
+
+# -- probe cache (migration 0011) ------------------------------------------------
+
+
+class ProbeCache(Base):
+    """ffprobe's JSON for a tenant's file, valid while the file's stat is the one recorded:
+    a worker reuses it instead of starting ffprobe only when size, mtime, ctime and inode
+    all still match."""
+
+    __tablename__ = "probe_cache"
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(UUID, ForeignKey("tenants.id", ondelete="CASCADE"),
+                                                 primary_key=True)
+    path: Mapped[str] = mapped_column(Text, primary_key=True)  # relative to the tenant's directory
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    ctime_ns: Mapped[int] = mapped_column(BigInteger)
+    inode: Mapped[int] = mapped_column(BigInteger)
+    options: Mapped[str] = mapped_column(Text)  # how ffprobe ran: binary, demuxer whitelist, hashes
+    probe: Mapped[dict] = mapped_column(JSONB)
+    probed_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())

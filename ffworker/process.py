@@ -84,6 +84,16 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def probe_argv(*, formats: str | None = None, extradata_hash: bool = False) -> list[str]:
+    """ffprobe's command line without the file: also what a cached probe says it was made with."""
+    argv = [FFPROBE, "-v", "error", "-protocol_whitelist", "file"]
+    if formats is not None:
+        argv += ["-format_whitelist", formats]
+    if extradata_hash:
+        argv += ["-show_data_hash", "sha256"]
+    return argv + ["-print_format", "json", "-show_format", "-show_streams"]
+
+
 def ffprobe(path: str, timeout_s: float = 60.0, *, formats: str | None = None, extradata_hash: bool = False,
             stop: threading.Event | None = None) -> dict:
     """ffprobe's JSON description (format and streams) of a local file.
@@ -107,12 +117,7 @@ def ffprobe_many(
     Setting ``stop`` (a cancel seen by the caller's heartbeat) kills them too, within
     ``STOP_POLL_S``: ProbeFailed with ``stopped``.
     """
-    argv = [FFPROBE, "-v", "error", "-protocol_whitelist", "file"]
-    if formats is not None:
-        argv += ["-format_whitelist", formats]
-    if extradata_hash:
-        argv += ["-show_data_hash", "sha256"]
-    argv += ["-print_format", "json", "-show_format", "-show_streams"]
+    argv = probe_argv(formats=formats, extradata_hash=extradata_hash)
     deadline = time.monotonic() + timeout_s
     running: deque[subprocess.Popen] = deque()
     results: list[dict] = []
@@ -163,9 +168,21 @@ class FfmpegOutcome:
     stderr_tail: str
     stopped: str | None = None   # why we killed it: the tick's reason, or "timeout"
     last_progress: Progress | None = None
+    progress_blocks: int = 0     # how many progress blocks ffmpeg printed
 
 
 Tick = Callable[[Progress | None], str | None]
+
+
+def ffmpeg_argv(args: list[str], progress_period_s: float) -> list[str]:
+    """The full ffmpeg command line of a job: quiet, progress blocks on stdout.
+
+    ``-stats_period`` makes ffmpeg print a progress block once per ``progress_period_s``
+    instead of every 0.5 s: the run passes on at most one snapshot per heartbeat, so
+    more frequent blocks were only parsed to be dropped (and woke the worker for it).
+    """
+    return [FFMPEG, "-hide_banner", "-nostdin", "-nostats", "-loglevel", "error",
+            "-stats_period", f"{progress_period_s:g}", "-progress", "pipe:1", *args]
 
 
 def run_ffmpeg(
@@ -179,8 +196,8 @@ def run_ffmpeg(
     stops the run: the process group is killed and that value is reported as
     ``stopped``. Passing ``timeout_s`` kills the run with ``stopped="timeout"``.
     """
-    argv = [FFMPEG, "-hide_banner", "-nostdin", "-nostats", "-loglevel", "error",
-            "-progress", "pipe:1", *args]
+    argv = ffmpeg_argv(args, tick_interval_s)
+    blocks = 0
     parser = ProgressParser(duration_s)
     stderr_tail: deque[bytes] = deque()
     stderr_size = 0
@@ -199,7 +216,8 @@ def run_ffmpeg(
     def stop(reason: str) -> FfmpegOutcome:
         kill_group(proc)
         selector.close()
-        return FfmpegOutcome(proc.returncode, _tail(stderr_tail), stopped=reason, last_progress=last)
+        return FfmpegOutcome(proc.returncode, _tail(stderr_tail), stopped=reason, last_progress=last,
+                             progress_blocks=blocks)
 
     try:
         while selector.get_map():
@@ -219,6 +237,7 @@ def run_ffmpeg(
                     for line in lines:
                         snapshot = parser.feed_line(line.decode("utf-8", "replace"))
                         if snapshot is not None:
+                            blocks += 1
                             pending = last = snapshot
             now = time.monotonic()
             if now >= deadline:
@@ -239,7 +258,7 @@ def run_ffmpeg(
         proc.stdout.close()
         proc.stderr.close()
     selector.close()
-    return FfmpegOutcome(proc.returncode, _tail(stderr_tail), last_progress=last)
+    return FfmpegOutcome(proc.returncode, _tail(stderr_tail), last_progress=last, progress_blocks=blocks)
 
 
 def _tail(chunks: deque[bytes]) -> str:

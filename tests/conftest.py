@@ -108,7 +108,10 @@ def ledger(app):
 @pytest.fixture
 def clean_ledger(engine):
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE job_events, jobs, api_keys, tenants, maintenance_state CASCADE"))
+        # probe_cache first: a worker of an earlier test may still be storing a probe, which
+        # locks probe_cache and then (its foreign key) tenants; taking them in the other order
+        # deadlocks with it.
+        conn.execute(text("TRUNCATE probe_cache, job_events, jobs, api_keys, tenants, maintenance_state CASCADE"))
     yield
 
 
