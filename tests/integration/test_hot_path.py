@@ -69,7 +69,9 @@ def test_ffmpeg_prints_one_progress_block_per_heartbeat_interval(tmp_path, monke
 
     assert outcome.returncode == 0 and outcome.stopped is None
     blocks = log.read_text().count("progress=")
-    assert 2 <= blocks <= 3
+    # One more than the ideal when a block lands on either side of the 3 s mark (a loaded machine):
+    # still far from the default period's seven.
+    assert 2 <= blocks <= 4
     assert outcome.last_progress.ended and outcome.last_progress.percent == 100.0
 
 
