@@ -5,6 +5,7 @@ import logging
 from typing import Any, Mapping
 
 from flask import Flask, Response, jsonify
+from apispec import BasePlugin
 from flask_smorest import Api
 from sqlalchemy import text
 from werkzeug.exceptions import HTTPException, InternalServerError
@@ -40,6 +41,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     api = Api(app)
     api.spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer"})
     api.spec.options["security"] = [{"bearerAuth": []}]
+    _document_server_limits(api)
     from ffworker.api import blp
     from ffworker.files_api import blp as files_blp
     from ffworker.webhooks_api import blp as webhooks_blp
@@ -55,6 +57,25 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     ui.init_app(app)
     return app
+
+
+class _ServerLimits(BasePlugin):
+    """Answers the HTTP server gives before the app sees a request, on every operation: gunicorn
+    refuses a request line longer than its ``limit_request_line`` (4094 bytes) with a 414 page of
+    its own (HTML, not the app's JSON error body)."""
+
+    def operation_helper(self, path=None, operations=None, **kwargs):
+        for operation in (operations or {}).values():
+            operation.setdefault("responses", {}).setdefault("414", {
+                "description": "URI too long: the request line is over the web server's limit (4094 bytes)",
+                "content": {"text/html": {"schema": {"type": "string"}}},
+            })
+
+
+def _document_server_limits(api: Api) -> None:
+    plugin = _ServerLimits()
+    plugin.init_spec(api.spec)
+    api.spec.plugins.append(plugin)
 
 
 def _register_probes(app: Flask) -> None:

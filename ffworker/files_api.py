@@ -12,7 +12,7 @@ import base64
 import binascii
 
 import marshmallow as ma
-from flask import g, jsonify, request, send_file
+from flask import Response, g, request, send_file
 from flask.views import MethodView
 from flask_smorest import Blueprint, abort
 from werkzeug.exceptions import RequestEntityTooLarge
@@ -24,6 +24,23 @@ from ffworker.extensions import services
 blp = Blueprint("files", __name__, url_prefix="/v1/files", description="The tenant's media files")
 blp.before_request(require_tenant)
 MAX_LIST_LIMIT = 1000
+
+
+class FileEntrySchema(ma.Schema):
+    name = ma.fields.String(required=True)
+    size = ma.fields.Integer(required=True)
+    mtime = ma.fields.Float(required=True)
+
+
+class FileListSchema(ma.Schema):
+    files = ma.fields.List(ma.fields.Nested(FileEntrySchema), required=True)
+    next_cursor = ma.fields.String(allow_none=True, required=True)
+
+
+class StoredFileSchema(ma.Schema):
+    path = ma.fields.String(required=True)
+    size = ma.fields.Integer(required=True)
+    sha256 = ma.fields.String(required=True, metadata={"description": "hex SHA-256 of the stored bytes"})
 
 
 class FileListArgsSchema(ma.Schema):
@@ -59,6 +76,7 @@ def _decode_cursor(cursor: str) -> str:
 @blp.route("")
 class Files(MethodView):
     @blp.arguments(FileListArgsSchema, location="query")
+    @blp.response(200, FileListSchema)
     def get(self, args):
         """List the tenant's files in name order (``prefix`` filters, ``cursor`` pages)."""
         limit = args["limit"]
@@ -73,6 +91,12 @@ class Files(MethodView):
 
 @blp.route("/<path:file_path>")
 class File(MethodView):
+    @blp.doc(requestBody={"required": True, "content": {"application/octet-stream": {
+        "schema": {"type": "string", "format": "binary"}}}})
+    @blp.response(201, StoredFileSchema)
+    @blp.alt_response(411, description="Neither Content-Length nor chunked encoding")
+    @blp.alt_response(412, description="If-None-Match: * and the file exists")
+    @blp.alt_response(413, description="Larger than FFWORKER_MAX_UPLOAD_BYTES")
     def put(self, file_path):
         """Upload a file (streamed; ``If-None-Match: *`` refuses to replace one)."""
         _checked(file_path)
@@ -94,10 +118,17 @@ class File(MethodView):
             abort(413, message=f"the body is larger than the upload limit of {limit} bytes")
         except storage.Exists:
             abort(412, message=f"{file_path!r} exists and If-None-Match: * asked not to replace it")
-        response = jsonify({"path": stored.path, "size": stored.size, "sha256": stored.sha256})
-        response.status_code = 201
-        return response
+        return {"path": stored.path, "size": stored.size, "sha256": stored.sha256}
 
+    @blp.doc(responses={
+        "200": {"description": "The file", "content": {"application/octet-stream": {
+            "schema": {"type": "string", "format": "binary"}}}},
+        "206": {"description": "The requested Range", "content": {"application/octet-stream": {
+            "schema": {"type": "string", "format": "binary"}}}},
+        "304": {"description": "Not modified since the ETag sent in If-None-Match"},
+        "404": {"description": "No such file"},
+        "416": {"description": "The Range lies outside the file"},
+    })
     def get(self, file_path):
         """Download a file (Range, ETag and If-None-Match honoured; HEAD gives the headers)."""
         _checked(file_path)
@@ -107,6 +138,7 @@ class File(MethodView):
             abort(404, message="file not found")
         return send_file(path, mimetype="application/octet-stream", conditional=True, etag=True, max_age=0)
 
+    @blp.doc(responses={"204": {"description": "Deleted"}, "404": {"description": "No such file"}})
     def delete(self, file_path):
         """Delete a file."""
         _checked(file_path)
@@ -114,4 +146,4 @@ class File(MethodView):
             _store().delete(file_path)
         except (paths.UnsafePath, FileNotFoundError):
             abort(404, message="file not found")
-        return "", 204
+        return Response(status=204)
