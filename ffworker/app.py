@@ -40,10 +40,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     api = Api(app)
     api.spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer"})
     api.spec.options["security"] = [{"bearerAuth": []}]
-    from ffworker.api import blp
+    from ffworker.api import blp, limits_blp
     from ffworker.webhooks_api import blp as webhooks_blp
 
     api.register_blueprint(blp)
+    api.register_blueprint(limits_blp)
     api.register_blueprint(webhooks_blp)
     _register_events(app, settings)
     _register_probes(app)

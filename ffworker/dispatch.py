@@ -20,14 +20,45 @@ CLOCK_MARGIN_S = 1.0
 
 
 def dispatch(job_id, *, countdown: float | None = None) -> bool:
+    """Publish a message for ``job_id``; None: a "run next" message, sent when a slot frees.
+
+    A message never pins the job its worker runs: the worker claims the best eligible job
+    (ffworker.ledger, ``claim_next``); the id only lets a message that came before its job
+    was due be sent again for the rest of the delay.
+    """
     celery = current_app.extensions["celery"]
     try:
         celery.send_task(
-            RUN_JOB, args=[str(job_id)],
+            RUN_JOB, args=[str(job_id) if job_id is not None else None],
             countdown=countdown + CLOCK_MARGIN_S if countdown else None,
         )
     except Exception as exc:  # kombu raises several families when the broker is away
         log.warning("job=%s event=publish_failed error=%s", job_id, type(exc).__name__)
         return False
-    services().ledger.mark_dispatched(job_id)
+    if job_id is not None:
+        services().ledger.mark_dispatched(job_id)
     return True
+
+
+def dispatch_many(job_ids) -> None:
+    """``dispatch`` for a batch of just committed jobs: one message each (a message claims
+    at most one job), one bookkeeping statement for all."""
+    celery = current_app.extensions["celery"]
+    sent = []
+    try:
+        with celery.producer_or_acquire() as producer:
+            for job_id in job_ids:
+                celery.send_task(RUN_JOB, args=[str(job_id)], producer=producer)
+                sent.append(job_id)
+    except Exception as exc:  # the rest is left to the re-dispatcher, as for one job
+        log.warning("event=publish_failed jobs=%d error=%s", len(job_ids) - len(sent), type(exc).__name__)
+    if sent:
+        services().ledger.mark_dispatched_many(sent)
+
+
+def run_next(count: int = 1) -> None:
+    """Slots just freed (a run ended, a stale run was reaped): ``count`` "run next"
+    messages, so that waiting work starts now rather than at the next re-dispatch round.
+    A lost one is covered by re-dispatch; a surplus one claims nothing."""
+    for _ in range(max(1, count)):
+        dispatch(None)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from sqlalchemy import (
-    Boolean, ColumnElement, Connection, Double, Engine, and_, bindparam, case, delete, func, insert, literal, null, select, text,
+    Boolean, ColumnElement, Connection, Double, Engine, and_, bindparam, case, delete, func, insert, literal,
+    literal_column, null, select, text,
     tuple_, update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -87,7 +88,7 @@ _REAP_OUTCOME = case(
 
 
 _SUBMITTED_COLUMNS = ("id", "tenant_id", "kind", "spec", "workspace", "priority", "metadata", "max_attempts",
-                      "timeout_s", "idempotency_key", "request_sha256", "webhook_url")
+                      "timeout_s", "idempotency_key", "request_sha256", "webhook_url", "slots")
 
 
 def _submit_statement():
@@ -193,13 +194,54 @@ def _fenced(change):
                         jobs.c.attempts == bindparam("token"))
 
 
+# Which job a claim takes (docs/ledger.md, "Fair share"). Every claim first locks the
+# fleet row, then every tenant's usage row (in tenant order: the transitions' trigger takes
+# the fleet row first too, so nothing deadlocks). Claims therefore take turns, and a locked
+# row is read in its latest committed version even though the statement's snapshot is
+# older: the counters the limits are checked against are exact, whatever the number of
+# workers racing. Each tenant offers its next job (highest priority, then oldest due; a
+# later job never overtakes it, so a big job is never starved by small ones), locked with
+# SKIP LOCKED so that a job claimed since the snapshot is re-checked and passed over. Among
+# the offers that fit every limit: highest priority, then the tenant using the smallest
+# fraction of its slots, then the oldest due. ``pin``: only that job (a claim by id).
+_CHOOSE_SQL = """
+WITH fleet AS MATERIALIZED (
+    SELECT running_jobs FROM fleet_usage WHERE id = 1 FOR UPDATE
+), usage AS MATERIALIZED (
+    SELECT u.tenant_id, u.running_slots, coalesce(t.max_slots, :default_slots) AS max_slots,
+           t.rate_per_min,
+           (SELECT count(*) FROM unnest(u.recent_starts) s WHERE s > now() - interval '60 seconds') AS recent
+      FROM tenant_usage u JOIN tenants t ON t.id = u.tenant_id
+     WHERE (SELECT running_jobs FROM fleet) < coalesce(CAST(:max_running AS integer), 2147483647)
+     ORDER BY u.tenant_id
+       FOR UPDATE OF u
+)
+SELECT j.id
+  FROM usage u
+ CROSS JOIN LATERAL (
+       SELECT q.id, q.priority, q.run_after, q.slots
+         FROM jobs q
+        WHERE q.tenant_id = u.tenant_id AND q.status = 'queued' AND q.run_after <= now()
+          AND q.cancel_requested_at IS NULL
+          AND (CAST(:pin AS uuid) IS NULL OR q.id = CAST(:pin AS uuid))
+        ORDER BY q.priority DESC, q.run_after, q.id
+        LIMIT 1
+          FOR UPDATE SKIP LOCKED
+       ) j
+ WHERE (u.running_slots = 0 OR u.running_slots + j.slots <= u.max_slots)
+   AND (u.rate_per_min IS NULL OR u.recent < u.rate_per_min)
+ ORDER BY j.priority DESC, u.running_slots::float8 / u.max_slots, j.run_after, j.id
+ LIMIT 1
+"""
+_CHOSEN = text(_CHOOSE_SQL).columns(jobs.c.id).cte("chosen")
+
 # Built once: every job's run starts with it. A new attempt starts with no progress and
 # no stderr: what the previous attempt showed would be read as this one's (its stderr
 # tail stays on the audit row that ended it).
 _CLAIM = _transition_statement(
     update(jobs)
     .where(
-        jobs.c.id == bindparam("job_id"),
+        jobs.c.id == _CHOSEN.c.id,
         jobs.c.status == "queued",
         jobs.c.run_after <= func.now(),
         jobs.c.cancel_requested_at.is_(None),
@@ -393,9 +435,38 @@ def _reap_statement():
 _REAP = _reap_statement()
 
 
+WAITING_REASONS = ("backoff", "tenant_limit", "rate_limit", "global_limit", "workers_busy")
+
+
+def waiting_expression(default_slots: int, max_running: int | None) -> ColumnElement:
+    """Why a job waits: NULL unless queued, else the first that applies of
+    ``WAITING_REASONS``, judged as the claim judges (``_CHOOSE_SQL``) on the counters now."""
+    global_limit = ("" if max_running is None else
+                    f"WHEN (SELECT running_jobs FROM fleet_usage WHERE id = 1) >= {int(max_running)} "
+                    "THEN 'global_limit'")
+    return literal_column(f"""CASE WHEN jobs.status <> 'queued' THEN NULL
+        WHEN jobs.run_after > now() THEN 'backoff'
+        ELSE (SELECT CASE
+            WHEN u.running_slots > 0 AND u.running_slots + jobs.slots > coalesce(t.max_slots, {int(default_slots)})
+                THEN 'tenant_limit'
+            WHEN t.rate_per_min IS NOT NULL AND (SELECT count(*) FROM unnest(u.recent_starts) s
+                                                  WHERE s > now() - interval '60 seconds') >= t.rate_per_min
+                THEN 'rate_limit'
+            {global_limit}
+            ELSE 'workers_busy' END
+          FROM tenant_usage u JOIN tenants t ON t.id = u.tenant_id WHERE u.tenant_id = jobs.tenant_id)
+        END""")
+
+
 class Ledger:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, tenant_max_slots: int = 5, max_running: int | None = None) -> None:
         self.engine = engine
+        # The limits of tenants without their own, and of the fleet (None: none); see claim.
+        self.tenant_max_slots = tenant_max_slots
+        self.max_running = max_running
+        self.waiting = waiting_expression(tenant_max_slots, max_running)
+        # What reads return: the row, its tenant's name and why it waits.
+        self._read = (*_RETURNING, self.waiting.label("waiting"))
 
     def _autocommit(self) -> Connection:
         """A connection whose every statement commits on its own: for single-statement writes."""
@@ -417,6 +488,7 @@ class Ledger:
         idempotency_key: str | None = None,
         request_sha256: str | None = None,
         webhook_url: str | None = None,
+        slots: int = 1,
     ) -> tuple[Row, bool]:
         """Insert a queued job; returns (job, created).
 
@@ -427,6 +499,7 @@ class Ledger:
             id=uuid.uuid4(), tenant_id=tenant_id, kind=kind, spec=spec, workspace=workspace,
             priority=priority, metadata=metadata, max_attempts=max_attempts, timeout_s=timeout_s,
             idempotency_key=idempotency_key, request_sha256=request_sha256, webhook_url=webhook_url,
+            slots=slots,
         )
         # One statement in autocommit: one round trip, and the rows the events trigger locks
         # (the transition totals) stay locked while PostgreSQL commits, not across round trips.
@@ -443,6 +516,89 @@ class Ledger:
             raise IdempotencyConflict(existing["id"])
         return dict(existing), False
 
+    def create_many(self, *, tenant_id, jobs_values: list[dict], idempotency_key: str | None = None,
+                    request_sha256: str | None = None) -> tuple[list[Row], bool]:
+        """Insert a batch of queued jobs, with their ``submitted`` events, in one statement;
+        returns (jobs in the given order, created).
+
+        ``jobs_values``: per job the columns ``create`` takes. With an idempotency key the
+        batch is one request: job ``i`` carries the key ``batch:<i>:<key>`` and the whole
+        batch's fingerprint, so a replay inserts nothing and gets the same jobs back, and
+        the key with another body raises IdempotencyConflict.
+        """
+        rows = []
+        # Ids in ascending order: the batch shares one due time, and the claim breaks that tie
+        # by id, so the jobs start in request order.
+        ids = sorted(uuid.uuid4() for _ in jobs_values)
+        for index, values in enumerate(jobs_values):
+            rows.append({
+                "id": ids[index], "tenant_id": tenant_id, "idempotency_key": None, "request_sha256": None,
+                "webhook_url": None, "slots": 1, **values,
+                **({"idempotency_key": f"batch:{index}:{idempotency_key}", "request_sha256": request_sha256}
+                   if idempotency_key is not None else {}),
+            })
+        job = (
+            pg_insert(jobs).values(rows)
+            .on_conflict_do_nothing(
+                index_elements=["tenant_id", "idempotency_key"], index_where=text("idempotency_key IS NOT NULL"),
+            )
+            .returning(*jobs.c)
+            .cte("job")
+        )
+        event = insert(events).from_select(
+            ["job_id", "from_status", "to_status", "attempt", "reason", "actor"],
+            select(job.c.id, null(), literal("queued"), literal(0), literal("submitted"), literal("api")),
+        ).cte("submitted")
+        with self._autocommit() as conn:
+            inserted = {row["id"]: dict(row) for row in conn.execute(select(job).add_cte(event)).mappings()}
+            if len(inserted) == len(rows):
+                return [inserted[row["id"]] for row in rows], True
+            keys = [row["idempotency_key"] for row in rows]
+            existing = {r["idempotency_key"]: dict(r) for r in conn.execute(
+                select(*_RETURNING).where(jobs.c.tenant_id == tenant_id, jobs.c.idempotency_key.in_(keys))
+            ).mappings()}
+        if (inserted or len(existing) != len(keys)
+                or any(r["request_sha256"] != request_sha256 for r in existing.values())):
+            raise IdempotencyConflict(next(iter(existing.values()))["id"] if existing else None)
+        return [existing[key] for key in keys], False
+
+    def mark_dispatched_many(self, job_ids) -> None:
+        """``mark_dispatched`` for a batch, in one statement."""
+        with self._autocommit() as conn:
+            conn.execute(
+                update(jobs).where(jobs.c.id.in_(list(job_ids)), jobs.c.status == "queued")
+                .values(dispatched_at=func.now(), dispatch_count=jobs.c.dispatch_count + 1)
+            )
+
+    def why_waiting(self, job_ids) -> dict:
+        """``waiting`` of the given jobs (id → reason or None), as reads show it."""
+        if not job_ids:
+            return {}
+        with self.engine.connect() as conn:
+            return {row.id: row.waiting for row in conn.execute(
+                select(jobs.c.id, self.waiting.label("waiting")).where(jobs.c.id.in_(list(job_ids))))}
+
+    def limits(self, tenant_id) -> dict:
+        """A tenant's limits and what it uses now, and the fleet's (GET /v1/limits)."""
+        query = text("""
+            SELECT t.max_slots, t.rate_per_min, u.running_slots, u.running_jobs,
+                   (SELECT count(*) FROM unnest(u.recent_starts) s WHERE s > now() - interval '60 seconds')
+                       AS started_last_60s,
+                   (SELECT running_jobs FROM fleet_usage WHERE id = 1) AS fleet_running,
+                   (SELECT count(*) FROM jobs WHERE tenant_id = t.id AND status = 'queued') AS queued
+              FROM tenants t JOIN tenant_usage u ON u.tenant_id = t.id WHERE t.id = :tenant""")
+        with self.engine.connect() as conn:
+            row = conn.execute(query, {"tenant": tenant_id}).mappings().one()
+        return {
+            "slots": {"limit": row["max_slots"] or self.tenant_max_slots, "default": row["max_slots"] is None,
+                      "used": row["running_slots"]},
+            "rate_per_min": {"limit": row["rate_per_min"],
+                             "started_last_60s": row["started_last_60s"] if row["rate_per_min"] else None},
+            "running_jobs": row["running_jobs"],
+            "queued_jobs": row["queued"],
+            "fleet": {"max_running": self.max_running, "running_jobs": row["fleet_running"]},
+        }
+
     def mark_dispatched(self, job_id) -> bool:
         """Stamp a publish of the job's message (bookkeeping for re-dispatch)."""
         with self._autocommit() as conn:
@@ -450,23 +606,37 @@ class Ledger:
 
     # -- a run: claim, heartbeat, finish -----------------------------------
 
+    def claim_next(self, worker: str) -> Claim:
+        """Claim the best eligible job (see ``_CHOOSE_SQL``); NotClaimable with reason
+        ``none_eligible`` when nothing queued and due fits the limits now."""
+        return self._claim(None, worker)
+
     def claim(self, job_id, worker: str) -> Claim:
-        """queued → running, if due and not cancelled. The new attempt is the token.
+        """Claim this job, if it is queued, due, not cancelled and fits its limits."""
+        return self._claim(job_id, worker)
+
+    def _claim(self, pin, worker: str) -> Claim:
+        """queued → running; the new attempt is the token. One statement.
 
         The claim writes a fresh ``claim_id``. When the connection breaks before the
-        reply arrives, the claim may or may not have committed: the row is read again,
-        and if it carries this claim's id the run is ours (else the claim is tried again,
-        a few times, before the error is raised). A lost reply must not burn an attempt.
+        reply arrives, the claim may or may not have committed: the row carrying this
+        claim's id is looked up, and if it is running the run is ours (else the claim is
+        tried again, a few times, before the error is raised). A lost reply must not burn
+        an attempt, nor hold a slot with no run behind it.
         """
-        params = {"job_id": job_id, "worker": worker, "claim_id": uuid.uuid4()}
+        params = {"pin": pin, "worker": worker, "claim_id": uuid.uuid4(),
+                  "default_slots": self.tenant_max_slots, "max_running": self.max_running}
         for attempt in range(CLAIM_RECOVERY_ATTEMPTS):
             try:
                 with self._autocommit() as conn:
                     row = conn.execute(_CLAIM, params).mappings().first()
                     if row is None and attempt > 0:  # did the try whose reply was lost commit?
-                        row = self._own_claim(conn, job_id, params["claim_id"])
+                        row = self._own_claim(conn, params["claim_id"])
                     if row is None:
-                        raise self._not_claimable(conn, job_id)
+                        if pin is None:
+                            raise NotClaimable(None, "no queued job is due and within its limits",
+                                               reason="none_eligible")
+                        raise self._not_claimable(conn, pin)
                 return Claim(job=dict(row), token=row["attempts"])
             except OperationalError as exc:
                 if not exc.connection_invalidated or attempt == CLAIM_RECOVERY_ATTEMPTS - 1:
@@ -475,10 +645,10 @@ class Ledger:
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _own_claim(conn: Connection, job_id, claim_id) -> Row | None:
-        """The job as claimed by ``claim_id``, if that claim committed and still runs."""
+    def _own_claim(conn: Connection, claim_id) -> Row | None:
+        """The job claimed by ``claim_id``, if that claim committed and still runs."""
         return conn.execute(
-            select(*_RETURNING).where(jobs.c.id == job_id, jobs.c.claim_id == claim_id, jobs.c.status == "running")
+            select(*_RETURNING).where(jobs.c.status == "running", jobs.c.claim_id == claim_id)
         ).mappings().first()
 
     @staticmethod
@@ -495,7 +665,15 @@ class Ledger:
             due_in_s = float(row.due_in_s)
             return NotClaimable(job_id, f"job {job_id} is queued but not due for {due_in_s:.3f} s",
                                 reason="not_due", due_in_s=due_in_s)
+        if row.status == "queued":
+            return NotClaimable(job_id, f"job {job_id} is queued and waits for its limits", reason="waiting")
         return NotClaimable(job_id, f"job {job_id} is not claimable ({row.status})")
+
+    def due_in_s(self, job_id) -> float | None:
+        """How long until a queued job is due, by the database's clock; None when it is
+        due, or not queued."""
+        with self.engine.connect() as conn:
+            return self._not_claimable(conn, job_id).due_in_s
 
     def heartbeat(
         self, job_id, token: int, progress: Mapping[str, Any] | None = None,
@@ -689,7 +867,7 @@ class Ledger:
         created_after=None, created_before=None, before: tuple | None = None,
     ) -> list[Row]:
         """A tenant's jobs, newest first; ``before`` is the (created_at, id) keyset cursor."""
-        query = select(*_RETURNING).where(jobs.c.tenant_id == tenant_id)
+        query = select(*self._read).where(jobs.c.tenant_id == tenant_id)
         for column, value in ((jobs.c.status, status), (jobs.c.kind, kind), (jobs.c.workspace, workspace)):
             if value is not None:
                 query = query.where(column == value)
@@ -710,9 +888,8 @@ class Ledger:
             ).mappings().all()
         return [dict(r) for r in rows]
 
-    @staticmethod
-    def _get(conn: Connection, job_id) -> Row | None:
-        row = conn.execute(select(*_RETURNING).where(jobs.c.id == job_id)).mappings().first()
+    def _get(self, conn: Connection, job_id) -> Row | None:
+        row = conn.execute(select(*self._read).where(jobs.c.id == job_id)).mappings().first()
         return dict(row) if row is not None else None
 
     @staticmethod
