@@ -206,7 +206,7 @@ class JobBatch(MethodView):
         except IdempotencyConflict:
             abort(409, message="this Idempotency-Key was already used with a different request body")
         if created:
-            dispatch_many([row["id"] for row in rows])
+            dispatch_many([row["id"] for row in rows], messages=current.ledger.slots_of(g.tenant.id))
         return {"jobs": _with_waiting(rows)}, 202
 
 

@@ -84,7 +84,8 @@ def _register_metrics(app: Flask, settings: Settings) -> None:
 
     from ffworker.metrics import Metrics
 
-    metrics = Metrics(app.extensions["ffworker"].engine, settings.stale_after_s)
+    metrics = Metrics(app.extensions["ffworker"].engine, settings.stale_after_s,
+                      tenant_max_slots=settings.tenant_max_slots, max_running=settings.max_running)
     app.extensions["ffworker_metrics"] = metrics
 
     @app.get("/metrics")

@@ -40,20 +40,26 @@ def dispatch(job_id, *, countdown: float | None = None) -> bool:
     return True
 
 
-def dispatch_many(job_ids) -> None:
-    """``dispatch`` for a batch of just committed jobs: one message each (a message claims
-    at most one job), one bookkeeping statement for all."""
+def dispatch_many(job_ids, *, messages: int) -> None:
+    """After a batch of one tenant's jobs committed: ``messages`` messages, not one per job.
+
+    A message claims the best eligible job, and a tenant runs at most its slots' worth of
+    jobs at once: more messages than its slots would only find the tenant at its limit
+    (its next jobs start from the "run next" message each run end sends). Every job is
+    stamped as published, so the re-dispatcher waits as long as for any published job.
+    """
     celery = current_app.extensions["celery"]
-    sent = []
+    job_ids = list(job_ids)
+    sent = 0
     try:
         with celery.producer_or_acquire() as producer:
-            for job_id in job_ids:
+            for job_id in job_ids[:max(1, messages)]:
                 celery.send_task(RUN_JOB, args=[str(job_id)], producer=producer)
-                sent.append(job_id)
+                sent += 1
     except Exception as exc:  # the rest is left to the re-dispatcher, as for one job
-        log.warning("event=publish_failed jobs=%d error=%s", len(job_ids) - len(sent), type(exc).__name__)
+        log.warning("event=publish_failed jobs=%d error=%s", len(job_ids), type(exc).__name__)
     if sent:
-        services().ledger.mark_dispatched_many(sent)
+        services().ledger.mark_dispatched_many(job_ids)
 
 
 def run_next(count: int = 1) -> None:

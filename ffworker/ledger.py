@@ -12,6 +12,7 @@ anything.
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -121,6 +122,31 @@ _MARK_DISPATCHED = (
 )
 
 
+# A batch in one statement, built once: one array per column, unnested into rows (a
+# statement with one VALUES row per job would be compiled again for every batch size).
+_SUBMIT_MANY = text("""
+WITH job AS (
+    INSERT INTO jobs (id, tenant_id, kind, spec, workspace, priority, metadata, max_attempts, timeout_s,
+                      idempotency_key, request_sha256, webhook_url, slots)
+    SELECT v.id, :tenant_id, v.kind, v.spec::jsonb, v.workspace, v.priority, v.metadata::jsonb, v.max_attempts,
+           v.timeout_s, v.idempotency_key, :request_sha256, v.webhook_url, v.slots
+      FROM unnest(CAST(:ids AS uuid[]), CAST(:kind AS text[]), CAST(:spec AS text[]), CAST(:workspace AS text[]),
+                  CAST(:priority AS integer[]), CAST(:metadata AS text[]), CAST(:max_attempts AS integer[]),
+                  CAST(:timeout_s AS integer[]), CAST(:keys AS text[]), CAST(:webhook_url AS text[]),
+                  CAST(:slots AS integer[]))
+           WITH ORDINALITY AS v(id, kind, spec, workspace, priority, metadata, max_attempts, timeout_s,
+                                idempotency_key, webhook_url, slots, n)
+     ORDER BY v.n
+    ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING *
+), submitted AS (
+    INSERT INTO job_events (job_id, from_status, to_status, attempt, reason, actor)
+    SELECT id, NULL, 'queued', 0, 'submitted', 'api' FROM job
+)
+SELECT * FROM job
+""")
+
+
 # How often a claim whose connection broke is read back (and tried again) before giving up.
 CLAIM_RECOVERY_ATTEMPTS = 4
 # A cancel tries this long for the job's row (ms); see Ledger.request_cancel.
@@ -203,13 +229,14 @@ def _fenced(change):
 # later job never overtakes it, so a big job is never starved by small ones), locked with
 # SKIP LOCKED so that a job claimed since the snapshot is re-checked and passed over. Among
 # the offers that fit every limit: highest priority, then the tenant using the smallest
-# fraction of its slots, then the oldest due. ``pin``: only that job (a claim by id).
+# fraction of its slots, then the tenant served least recently (tenants at the same
+# fraction take turns), then the oldest due. ``pin``: only that job (a claim by id).
 _CHOOSE_SQL = """
 WITH fleet AS MATERIALIZED (
     SELECT running_jobs FROM fleet_usage WHERE id = 1 FOR UPDATE
 ), usage AS MATERIALIZED (
     SELECT u.tenant_id, u.running_slots, coalesce(t.max_slots, :default_slots) AS max_slots,
-           t.rate_per_min,
+           t.rate_per_min, u.last_started_at,
            (SELECT count(*) FROM unnest(u.recent_starts) s WHERE s > now() - interval '60 seconds') AS recent
       FROM tenant_usage u JOIN tenants t ON t.id = u.tenant_id
      WHERE (SELECT running_jobs FROM fleet) < coalesce(CAST(:max_running AS integer), 2147483647)
@@ -230,7 +257,8 @@ SELECT j.id
        ) j
  WHERE (u.running_slots = 0 OR u.running_slots + j.slots <= u.max_slots)
    AND (u.rate_per_min IS NULL OR u.recent < u.rate_per_min)
- ORDER BY j.priority DESC, u.running_slots::float8 / u.max_slots, j.run_after, j.id
+ ORDER BY j.priority DESC, u.running_slots::float8 / u.max_slots, u.last_started_at NULLS FIRST,
+          j.run_after, j.id
  LIMIT 1
 """
 _CHOSEN = text(_CHOOSE_SQL).columns(jobs.c.id).cte("chosen")
@@ -526,37 +554,27 @@ class Ledger:
         batch's fingerprint, so a replay inserts nothing and gets the same jobs back, and
         the key with another body raises IdempotencyConflict.
         """
-        rows = []
         # Ids in ascending order: the batch shares one due time, and the claim breaks that tie
         # by id, so the jobs start in request order.
         ids = sorted(uuid.uuid4() for _ in jobs_values)
-        for index, values in enumerate(jobs_values):
-            rows.append({
-                "id": ids[index], "tenant_id": tenant_id, "idempotency_key": None, "request_sha256": None,
-                "webhook_url": None, "slots": 1, **values,
-                **({"idempotency_key": f"batch:{index}:{idempotency_key}", "request_sha256": request_sha256}
-                   if idempotency_key is not None else {}),
-            })
-        job = (
-            pg_insert(jobs).values(rows)
-            .on_conflict_do_nothing(
-                index_elements=["tenant_id", "idempotency_key"], index_where=text("idempotency_key IS NOT NULL"),
-            )
-            .returning(*jobs.c)
-            .cte("job")
-        )
-        event = insert(events).from_select(
-            ["job_id", "from_status", "to_status", "attempt", "reason", "actor"],
-            select(job.c.id, null(), literal("queued"), literal(0), literal("submitted"), literal("api")),
-        ).cte("submitted")
+        keys = ([f"batch:{index}:{idempotency_key}" for index in range(len(jobs_values))]
+                if idempotency_key is not None else [None] * len(jobs_values))
+        params = {
+            "tenant_id": tenant_id, "request_sha256": request_sha256 if idempotency_key is not None else None,
+            "ids": ids, "keys": keys,
+            **{name: [values.get(name, default) for values in jobs_values]
+               for name, default in (("kind", None), ("workspace", None), ("priority", 0), ("max_attempts", 1),
+                                     ("timeout_s", 1), ("webhook_url", None), ("slots", 1))},
+            "spec": [json.dumps(values["spec"]) for values in jobs_values],
+            "metadata": [json.dumps(values.get("metadata") or {}) for values in jobs_values],
+        }
         with self._autocommit() as conn:
-            inserted = {row["id"]: dict(row) for row in conn.execute(select(job).add_cte(event)).mappings()}
-            if len(inserted) == len(rows):
-                return [inserted[row["id"]] for row in rows], True
-            keys = [row["idempotency_key"] for row in rows]
+            inserted = {row["id"]: dict(row) for row in conn.execute(_SUBMIT_MANY, params).mappings()}
+            if len(inserted) == len(ids):
+                return [inserted[job_id] for job_id in ids], True
             existing = {r["idempotency_key"]: dict(r) for r in conn.execute(
                 select(*_RETURNING).where(jobs.c.tenant_id == tenant_id, jobs.c.idempotency_key.in_(keys))
-            ).mappings()}
+            ).mappings()} if idempotency_key is not None else {}
         if (inserted or len(existing) != len(keys)
                 or any(r["request_sha256"] != request_sha256 for r in existing.values())):
             raise IdempotencyConflict(next(iter(existing.values()))["id"] if existing else None)
@@ -577,6 +595,12 @@ class Ledger:
         with self.engine.connect() as conn:
             return {row.id: row.waiting for row in conn.execute(
                 select(jobs.c.id, self.waiting.label("waiting")).where(jobs.c.id.in_(list(job_ids))))}
+
+    def slots_of(self, tenant_id) -> int:
+        """The running slots a tenant may use."""
+        with self.engine.connect() as conn:
+            own = conn.execute(select(tenants.c.max_slots).where(tenants.c.id == tenant_id)).scalar()
+        return own or self.tenant_max_slots
 
     def limits(self, tenant_id) -> dict:
         """A tenant's limits and what it uses now, and the fleet's (GET /v1/limits)."""

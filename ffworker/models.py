@@ -213,6 +213,7 @@ class TenantUsage(Base):
     tenant_id: Mapped[uuid.UUID] = mapped_column(UUID, ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
     running_jobs: Mapped[int] = mapped_column(Integer, server_default="0")
     running_slots: Mapped[int] = mapped_column(Integer, server_default="0")
+    last_started_at: Mapped[datetime | None] = mapped_column(TZ)
     recent_starts: Mapped[list[datetime]] = mapped_column(ARRAY(TZ), server_default=text("'{}'"))
 
 

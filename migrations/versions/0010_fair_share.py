@@ -38,6 +38,8 @@ CREATE TABLE tenant_usage (
         CONSTRAINT fk_tenant_usage_tenant_id_tenants REFERENCES tenants (id) ON DELETE CASCADE,
     running_jobs integer NOT NULL DEFAULT 0,
     running_slots integer NOT NULL DEFAULT 0,
+    -- the claim's tie-break between tenants using the same fraction: least recently served first
+    last_started_at timestamptz,
     -- starts within the last 60 s, newest last; kept only for tenants with a rate limit
     recent_starts timestamptz[] NOT NULL DEFAULT '{}'
 );
@@ -67,6 +69,7 @@ BEGIN
         UPDATE tenant_usage
            SET running_jobs = running_jobs + 1,
                running_slots = running_slots + NEW.slots,
+               last_started_at = now(),
                recent_starts = CASE WHEN rate IS NULL THEN '{}'::timestamptz[] ELSE
                    array(SELECT s FROM (
                        SELECT s FROM unnest(recent_starts || now()) s

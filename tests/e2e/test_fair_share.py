@@ -225,7 +225,7 @@ def test_no_idle_slot_when_a_run_ends_with_the_broker_flushed(
         app, settings, client, engine, ledger, tenant, make_clip, fleet, tmp_path):
     set_limits(engine, tenant.name, slots=1)
     make_clip(tenant.media / "in.mp4", seconds=2, size="320x240")
-    start(fleet, settings, tmp_path, ["1"])
+    worker, = start(fleet, settings, tmp_path, ["1"])
     # A transcode costs 2 slots, more than the tenant's 1: it runs alone, it does not wait for ever.
     first = client.post("/v1/jobs", json={"kind": "transcode", "input": "in.mp4", "output": "out.mp4",
                                           "preset": "h264-360p"}, headers=tenant.headers).json
@@ -233,12 +233,9 @@ def test_no_idle_slot_when_a_run_ends_with_the_broker_flushed(
     second = client.post("/v1/jobs", json={"kind": "probe", "input": "in.mp4"}, headers=tenant.headers).json
     assert second["waiting"] == "tenant_limit"
 
-    def message_consumed():
-        with app.extensions["celery"].connection_for_write() as conn:
-            left = conn.default_channel.queue_declare(queue=settings.task_queue, passive=True).message_count
-        return left == 0 and ledger.get(first["id"])["status"] == "running"
-
-    wait_until(message_consumed, 10, interval_s=0.02)
+    # Its message was taken and found the tenant at its limit: nothing more is queued for it.
+    skipped = f"job={second['id']} attempt=none event=skipped"
+    wait_until(lambda: skipped in worker.log_path.read_text(), 10, interval_s=0.02)
     with app.extensions["celery"].connection_for_write() as conn:  # the broker flushed
         conn.default_channel.queue_purge(settings.task_queue)
     assert ledger.get(second["id"])["status"] == "queued"

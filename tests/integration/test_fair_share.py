@@ -36,7 +36,7 @@ def recomputed(engine) -> dict:
             "LEFT JOIN jobs j ON j.tenant_id = t.id AND j.status = 'running' GROUP BY t.name"))}
 
 
-def test_priority_first_then_the_tenant_using_least_of_its_slots_then_oldest(engine, ledger, tenant, other_tenant):
+def test_priority_first_then_the_tenant_using_least_of_its_slots_then_turns_then_oldest(engine, ledger, tenant, other_tenant):
     old = new_job(ledger, tenant)
     newer = new_job(ledger, tenant)
     urgent = new_job(ledger, other_tenant, priority=100)
@@ -44,9 +44,9 @@ def test_priority_first_then_the_tenant_using_least_of_its_slots_then_oldest(eng
     assert claim_next(ledger)["id"] == urgent["id"]           # priority beats age and tenants
     # other_tenant now uses 1 of 5 slots, tenant 0: tenant goes first, its oldest job first.
     assert claim_next(ledger)["id"] == old["id"]
-    # Both use 1 of 5: the oldest due job of either.
-    assert claim_next(ledger)["id"] == newer["id"]
+    # Both use 1 of 5: the tenant served least recently goes first, though its job is younger.
     assert claim_next(ledger)["id"] == theirs["id"]
+    assert claim_next(ledger)["id"] == newer["id"]
     assert claim_next(ledger) is None
 
 
@@ -309,3 +309,20 @@ def test_tenants_set_limits_and_list(engine, tenant):
     assert runner.invoke(cli, ["tenants", "set-limits", "nobody", "--slots", "2"]).exit_code != 0
     reset = runner.invoke(cli, ["tenants", "set-limits", tenant.name, "--slots", "default", "--rate", "none"])
     assert "slots 5 (default), rate none" in reset.output
+
+
+def test_metrics_show_why_jobs_wait_and_each_tenants_running_slots(client, engine, ledger, tenant, other_tenant):
+    set_limits(engine, tenant.name, slots=2)
+    ledger.claim(new_job(ledger, tenant, kind="transcode", slots=2)["id"], "w")
+    new_job(ledger, tenant)
+    new_job(ledger, other_tenant)
+    later = new_job(ledger, other_tenant)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE jobs SET run_after = now() + interval '1 minute' WHERE id = :id"), {"id": later["id"]})
+    body = client.get("/metrics").get_data(as_text=True)
+    assert 'ffworker_jobs_waiting{reason="tenant_limit"} 1.0' in body
+    assert 'ffworker_jobs_waiting{reason="workers_busy"} 1.0' in body
+    assert 'ffworker_jobs_waiting{reason="backoff"} 1.0' in body
+    assert 'ffworker_jobs_waiting{reason="global_limit"} 0.0' in body
+    assert 'ffworker_tenant_running_slots{tenant="acme"} 2.0' in body
+    assert 'ffworker_tenant_max_slots{tenant="globex"} 5.0' in body
