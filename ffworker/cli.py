@@ -355,7 +355,7 @@ def reap(ctx: Context, dry_run: bool) -> None:
 @click.option("--tenant", default=None, help="Only this tenant.")
 @click.option("--format", "output_format", type=click.Choice(["table", "csv", "json"]), default="table",
               show_default=True)
-@click.option("--view", "view", type=click.Choice(["all", "daily", "usage", "stuck"]), default="all",
+@click.option("--view", "view", type=click.Choice(["all", "daily", "usage", "wait", "stuck"]), default="all",
               show_default=True, help="daily counts, monthly usage, stuck jobs, or all three.")
 @pass_context
 def report(ctx: Context, since: str, tenant: str | None, output_format: str, view: str) -> None:
