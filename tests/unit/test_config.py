@@ -24,7 +24,7 @@ def test_every_variable_is_read_under_its_documented_name():
         "FFWORKER_ALLOW_PRIVATE_URLS": "on", "FFWORKER_REDISPATCH_AFTER_S": "30", "FFWORKER_TASK_QUEUE": "media", "FFWORKER_FFMPEG": "/opt/ff/ffmpeg",
         "FFWORKER_FFPROBE": "/opt/ff/ffprobe", "FFWORKER_SSE_MAX_STREAMS": "0", "FFWORKER_SSE_KEEPALIVE_S": "5",
         "FFWORKER_SSE_MAX_DURATION_S": "60", "FFWORKER_WEB_THREADS": "8", "WEB_CONCURRENCY": "2", "PORT": "9000",
-        "FFWORKER_TRUST_PROXY": "on",
+        "FFWORKER_TRUST_PROXY": "on", "FFWORKER_TENANT_MAX_SLOTS": "8", "FFWORKER_MAX_RUNNING": "40",
     }
     settings = Settings.from_env(environ)
     assert settings == Settings(
@@ -33,6 +33,7 @@ def test_every_variable_is_read_under_its_documented_name():
         retention_days=7, maintenance_interval_s=20, allow_raw_commands=True, allow_private_urls=True, redispatch_after_s=30,
         task_queue="media", ffmpeg="/opt/ff/ffmpeg", ffprobe="/opt/ff/ffprobe", sse_max_streams=0,
         sse_keepalive_s=5, sse_max_duration_s=60, web_threads=8, web_concurrency=2, port=9000, trust_proxy=True,
+        tenant_max_slots=8, max_running=40,
     )
 
 
@@ -56,6 +57,9 @@ def test_an_empty_variable_means_its_default():
     ({"FFWORKER_SSE_MAX_STREAMS": "-1"}, "FFWORKER_SSE_MAX_STREAMS=-1 must be 0 or more"),
     ({"FFWORKER_WEB_THREADS": "0"}, "FFWORKER_WEB_THREADS=0 must be a positive number"),
     ({"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY=0 must be a positive number"),
+    ({"FFWORKER_TENANT_MAX_SLOTS": "0"}, "FFWORKER_TENANT_MAX_SLOTS=0 must be a positive number"),
+    ({"FFWORKER_TENANT_MAX_SLOTS": "2.5"}, "FFWORKER_TENANT_MAX_SLOTS=2.5 is not a whole number"),
+    ({"FFWORKER_MAX_RUNNING": "-3"}, "FFWORKER_MAX_RUNNING=-3 must be a positive number"),
     ({"PORT": "70000"}, "PORT=70000 must be a TCP port"),
     ({"FFWORKER_ALLOW_RAW_COMMANDS": "maybe"}, "FFWORKER_ALLOW_RAW_COMMANDS=maybe must be one of 1, true, yes"),
     ({"FFWORKER_TRUST_PROXY": "https"}, "FFWORKER_TRUST_PROXY=https must be one of 1, true, yes"),
