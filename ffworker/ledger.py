@@ -149,6 +149,9 @@ SELECT * FROM job
 
 # How often a claim whose connection broke is read back (and tried again) before giving up.
 CLAIM_RECOVERY_ATTEMPTS = 4
+# How often claim_next tries again when its message's job was within every limit but its
+# row was held (10, 20, 40, 80 ms apart).
+CLAIM_HELD_ROW_RETRIES = 4
 # A cancel tries this long for the job's row (ms); see Ledger.request_cancel.
 CANCEL_LOCK_WAIT_MS = 1000
 LOCK_NOT_AVAILABLE = "55P03"
@@ -227,7 +230,11 @@ def _fenced(change):
 # older: the counters the limits are checked against are exact, whatever the number of
 # workers racing. Each tenant offers its next job (highest priority, then oldest due; a
 # later job never overtakes it, so a big job is never starved by small ones), locked with
-# SKIP LOCKED so that a job claimed since the snapshot is re-checked and passed over. Among
+# SKIP LOCKED so that a job changed since the snapshot (claimed, cancelled) is re-checked
+# and passed over. Waiting instead could deadlock: a stale head may be a job that is
+# running by now, its row held by a transition waiting for the fleet row we hold. (A
+# queued row held for a moment, e.g. by the publish stamp, is what claim_next's ``hint``
+# retries cover.) Among
 # the offers that fit every limit: highest priority, then the tenant using the smallest
 # fraction of its slots, then the tenant served least recently (tenants at the same
 # fraction take turns), then the oldest due. ``pin``: only that job (a claim by id).
@@ -630,10 +637,25 @@ class Ledger:
 
     # -- a run: claim, heartbeat, finish -----------------------------------
 
-    def claim_next(self, worker: str) -> Claim:
+    def claim_next(self, worker: str, *, hint=None) -> Claim:
         """Claim the best eligible job (see ``_CHOOSE_SQL``); NotClaimable with reason
-        ``none_eligible`` when nothing queued and due fits the limits now."""
-        return self._claim(None, worker)
+        ``none_eligible`` when nothing queued and due fits the limits now.
+
+        ``hint``: the job the message was published for. When nothing was claimed although
+        that job is queued and within every limit (``waiting`` is ``workers_busy``), its row
+        was held for a moment (the API stamps the publish right after sending the message,
+        and the claim skips held rows): the claim is tried again a few times, briefly,
+        rather than drop the job's only message.
+        """
+        for attempt in range(CLAIM_HELD_ROW_RETRIES + 1):
+            try:
+                return self._claim(None, worker)
+            except NotClaimable:
+                if (hint is None or attempt == CLAIM_HELD_ROW_RETRIES
+                        or self.why_waiting([hint]).get(_as_uuid(hint)) != "workers_busy"):
+                    raise
+            time.sleep(0.01 * 2 ** attempt)
+        raise AssertionError("unreachable")
 
     def claim(self, job_id, worker: str) -> Claim:
         """Claim this job, if it is queued, due, not cancelled and fits its limits."""
@@ -987,6 +1009,13 @@ class Ledger:
                 done.extend(ids)
                 if len(ids) < batch:
                     return done
+
+
+def _as_uuid(value) -> uuid.UUID | None:
+    try:
+        return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+    except ValueError:
+        return None
 
 
 def job_filter(*, tenant_id=None, status=None, kind=None, workspace=None, created_after=None,

@@ -87,7 +87,7 @@ def run(job_id, ledger: Ledger, settings: Settings) -> RunReport:
     within the limits, does nothing; when ``job_id`` is queued but not yet due, the report
     carries the database's remaining delay so the message is sent again."""
     try:
-        claim = ledger.claim_next(worker_name())
+        claim = ledger.claim_next(worker_name(), hint=job_id)
     except NotClaimable as exc:
         # This message claimed nothing: there is no attempt of its own to name.
         due_in_s = ledger.due_in_s(job_id) if job_id else None

@@ -326,3 +326,36 @@ def test_metrics_show_why_jobs_wait_and_each_tenants_running_slots(client, engin
     assert 'ffworker_jobs_waiting{reason="global_limit"} 0.0' in body
     assert 'ffworker_tenant_running_slots{tenant="acme"} 2.0' in body
     assert 'ffworker_tenant_max_slots{tenant="globex"} 5.0' in body
+
+
+def test_a_claim_gets_its_job_once_the_publish_stamp_lets_go_of_the_row(engine, ledger, tenant):
+    """The API stamps a job's publish right after sending its message: a worker that takes
+    the message at once finds the row held for a moment, and must claim it once it is free,
+    not give up (that would drop the only message of that job)."""
+    first_try_failed = threading.Event()
+
+    class Watched(Ledger):
+        def why_waiting(self, job_ids):  # asked only after a claim found nothing
+            first_try_failed.set()
+            return super().why_waiting(job_ids)
+
+    watched = Watched(engine)
+    job = new_job(ledger, tenant)
+    claimed, errors = {}, []
+
+    def claim():
+        try:
+            claimed["job"] = watched.claim_next("w", hint=job["id"]).job
+        except NotClaimable as exc:
+            errors.append(exc)
+
+    with engine.connect() as holder:
+        stamp = holder.begin()
+        holder.execute(text("UPDATE jobs SET dispatched_at = now(), dispatch_count = dispatch_count + 1 "
+                            "WHERE id = :id"), {"id": job["id"]})
+        claimer = threading.Thread(target=claim)
+        claimer.start()
+        first_try_failed.wait(timeout=5)
+        stamp.commit()
+    claimer.join(timeout=10)
+    assert not errors and claimed["job"]["id"] == job["id"]
