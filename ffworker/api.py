@@ -8,9 +8,12 @@ import uuid
 from flask import Response, current_app, g, request, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint, abort
+from marshmallow import Schema, ValidationError, fields
+from werkzeug.exceptions import HTTPException
 
 from ffworker import fetch, kinds, paths, sse as live, urlguard
-from ffworker.dispatch import dispatch
+from ffworker.config import KIND_SLOTS
+from ffworker.dispatch import dispatch, dispatch_many
 from ffworker.errors import AlreadyTerminal, JobBusy, JobNotFound, NotRetryable
 from ffworker.api_support import decode_cursor, encode_cursor, require_tenant
 from ffworker.extensions import services
@@ -90,28 +93,98 @@ class Jobs(MethodView):
     def post(self, body):
         """Submit a job. Returns at once; the job runs on a worker."""
         current = services()
-        common, spec = split_request(body)
-        _refuse_by_kind(common["kind"], spec)
-        _refuse_webhook_url(common["webhook_url"])
-        idempotency_key = request.headers.get("Idempotency-Key") or None
-        if idempotency_key is not None and len(idempotency_key) > IDEMPOTENCY_KEY_MAX:
-            abort(422, message=f"Idempotency-Key must be at most {IDEMPOTENCY_KEY_MAX} characters")
-        settings = current.settings
-        timeout_s = min(common["timeout_s"] or settings.job_timeout_s, settings.job_timeout_s)
+        values = _job_values(body)
+        idempotency_key = _idempotency_key()
         try:
             row, created = current.ledger.create(
-                tenant_id=g.tenant.id, kind=common["kind"], spec=spec, workspace=common["workspace"],
-                priority=common["priority"], metadata=common["metadata"], max_attempts=settings.max_attempts,
-                timeout_s=timeout_s, idempotency_key=idempotency_key,
+                tenant_id=g.tenant.id, **values, idempotency_key=idempotency_key,
                 request_sha256=_request_fingerprint(body) if idempotency_key else None,
-                webhook_url=common["webhook_url"],
             )
         except IdempotencyConflict:
             abort(409, message="this Idempotency-Key was already used with a different request body")
         if created:
             dispatch(row["id"])
         location = url_for("jobs.Job", job_id=row["id"])
-        return present(row), 202, {"Location": location}
+        return _with_waiting([row])[0], 202, {"Location": location}
+
+
+def _idempotency_key() -> str | None:
+    idempotency_key = request.headers.get("Idempotency-Key") or None
+    if idempotency_key is not None and len(idempotency_key) > IDEMPOTENCY_KEY_MAX:
+        abort(422, message=f"Idempotency-Key must be at most {IDEMPOTENCY_KEY_MAX} characters")
+    return idempotency_key
+
+
+def _job_values(body: dict) -> dict:
+    """The ledger's columns of a validated job body, after the kind's and the webhook URL's checks."""
+    settings = services().settings
+    common, spec = split_request(body)
+    _refuse_by_kind(common["kind"], spec)
+    _refuse_webhook_url(common["webhook_url"])
+    return dict(
+        kind=common["kind"], spec=spec, workspace=common["workspace"], priority=common["priority"],
+        metadata=common["metadata"], max_attempts=settings.max_attempts,
+        timeout_s=min(common["timeout_s"] or settings.job_timeout_s, settings.job_timeout_s),
+        webhook_url=common["webhook_url"], slots=KIND_SLOTS[common["kind"]],
+    )
+
+
+def _with_waiting(rows: list) -> list[dict]:
+    """The jobs as the API shows them, with ``waiting`` for those a write left queued."""
+    queued = [row["id"] for row in rows if row["status"] == "queued" and "waiting" not in row]
+    reasons = services().ledger.why_waiting(queued)
+    return [present({**row, "waiting": reasons.get(row["id"], row.get("waiting"))}) for row in rows]
+
+
+BATCH_MAX = 1000
+
+
+class BatchResponseSchema(Schema):
+    jobs = fields.List(fields.Nested(JobSchema))
+
+
+@blp.route("/batch")
+class JobBatch(MethodView):
+    @blp.doc(requestBody={"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["jobs"],
+        "properties": {"jobs": {"type": "array", "maxItems": BATCH_MAX,
+                                "items": {"$ref": "#/components/schemas/JobRequest"}}}}}}})
+    @blp.response(202, BatchResponseSchema)
+    @blp.alt_response(409, description="Idempotency-Key reused with a different batch")
+    @blp.alt_response(422, description="A body is invalid (errors name its index and field), or more than 1,000 jobs")
+    def post(self):
+        """Submit up to 1,000 jobs at once, all or none: each validated as ``POST /v1/jobs`` would,
+        inserted in one statement; the jobs come back in request order."""
+        payload = request.get_json(silent=True)
+        if not isinstance(payload, dict) or not isinstance(payload.get("jobs"), list) or set(payload) != {"jobs"}:
+            abort(422, message='the body must be {"jobs": [<job>, …]}', errors={"jobs": ["a list of job bodies"]})
+        bodies = payload["jobs"]
+        if not 1 <= len(bodies) <= BATCH_MAX:
+            abort(422, message=f"a batch holds 1 to {BATCH_MAX} jobs", errors={"jobs": [f"1 to {BATCH_MAX} jobs"]})
+        schema = JobRequestSchema()
+        values, errors = [], {}
+        for index, body in enumerate(bodies):
+            try:
+                values.append(_job_values(schema.load(body)))
+            except ValidationError as exc:
+                errors[str(index)] = exc.normalized_messages()
+            except HTTPException as exc:  # the kind's path checks, the webhook URL
+                errors[str(index)] = getattr(exc, "data", {}).get("errors") or {"_schema": [str(exc)]}
+        if errors:
+            abort(422, message=f"{len(errors)} of {len(bodies)} jobs are invalid; none was submitted",
+                  errors={"jobs": errors})
+        idempotency_key = _idempotency_key()
+        current = services()
+        try:
+            rows, created = current.ledger.create_many(
+                tenant_id=g.tenant.id, jobs_values=values, idempotency_key=idempotency_key,
+                request_sha256=_request_fingerprint(payload) if idempotency_key else None,
+            )
+        except IdempotencyConflict:
+            abort(409, message="this Idempotency-Key was already used with a different request body")
+        if created:
+            dispatch_many([row["id"] for row in rows], messages=current.ledger.slots_of(g.tenant.id))
+        return {"jobs": _with_waiting(rows)}, 202
 
 
 @blp.route("/<uuid:job_id>")
@@ -246,4 +319,43 @@ class JobRetry(MethodView):
         except NotRetryable as exc:
             abort(409, message=str(exc))
         dispatch(row["id"])
-        return present(row)
+        return _with_waiting([row])[0]
+
+
+# -- limits ---------------------------------------------------------------------
+
+limits_blp = Blueprint("limits", __name__, url_prefix="/v1/limits", description="Fair-share limits")
+limits_blp.before_request(require_tenant)
+
+
+class SlotsSchema(Schema):
+    limit = fields.Integer()
+    default = fields.Boolean(metadata={"description": "true: FFWORKER_TENANT_MAX_SLOTS, not a limit of its own"})
+    used = fields.Integer()
+
+
+class RateSchema(Schema):
+    limit = fields.Integer(allow_none=True, metadata={"description": "jobs started per sliding 60 s; null: none"})
+    started_last_60s = fields.Integer(allow_none=True)
+
+
+class FleetSchema(Schema):
+    max_running = fields.Integer(allow_none=True, metadata={"description": "FFWORKER_MAX_RUNNING; null: none"})
+    running_jobs = fields.Integer()
+
+
+class LimitsSchema(Schema):
+    slots = fields.Nested(SlotsSchema)
+    rate_per_min = fields.Nested(RateSchema)
+    running_jobs = fields.Integer()
+    queued_jobs = fields.Integer()
+    fleet = fields.Nested(FleetSchema)
+    kind_slots = fields.Dict(keys=fields.String(), values=fields.Integer())
+
+
+@limits_blp.route("")
+class Limits(MethodView):
+    @limits_blp.response(200, LimitsSchema)
+    def get(self):
+        """The calling tenant's limits and current use, the fleet's limit, and what each kind costs."""
+        return {**services().ledger.limits(g.tenant.id), "kind_slots": KIND_SLOTS}

@@ -42,11 +42,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     api.spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer"})
     api.spec.options["security"] = [{"bearerAuth": []}]
     _document_server_limits(api)
-    from ffworker.api import blp
+    from ffworker.api import blp, limits_blp
     from ffworker.files_api import blp as files_blp
     from ffworker.webhooks_api import blp as webhooks_blp
 
     api.register_blueprint(blp)
+    api.register_blueprint(limits_blp)
     api.register_blueprint(webhooks_blp)
     api.register_blueprint(files_blp)
     _register_events(app, settings)
@@ -106,7 +107,8 @@ def _register_metrics(app: Flask, settings: Settings) -> None:
 
     from ffworker.metrics import Metrics
 
-    metrics = Metrics(app.extensions["ffworker"].engine, settings.stale_after_s)
+    metrics = Metrics(app.extensions["ffworker"].engine, settings.stale_after_s,
+                      tenant_max_slots=settings.tenant_max_slots, max_running=settings.max_running)
     app.extensions["ffworker_metrics"] = metrics
 
     @app.get("/metrics")

@@ -142,13 +142,45 @@ def tenants_list(ctx: Context) -> None:
     """Tenants and their keys (prefix only)."""
     from ffworker.tenants import list_tenants
 
-    table = Table("tenant", "created", "key prefix", "key created", "revoked")
+    default_slots = ctx.settings.tenant_max_slots
+    table = Table("tenant", "created", "slots", "rate", "key prefix", "key created", "revoked")
     for row in list_tenants(ctx.services.engine):
+        slots = str(row["max_slots"]) if row["max_slots"] is not None else f"{default_slots} (default)"
+        rate = f"{row['rate_per_min']}/min" if row["rate_per_min"] is not None else "-"
         table.add_row(
-            row["name"], _time(row["created_at"]), row["prefix"] or "-",
+            row["name"], _time(row["created_at"]), slots, rate, row["prefix"] or "-",
             _time(row["key_created_at"]), _time(row["revoked_at"]),
         )
     console.print(table)
+
+
+@tenants.command("set-limits")
+@click.argument("name")
+@click.option("--slots", type=str, default=None,
+              help="running slots (a probe costs 1, a transcode 2, HLS 3); 'default' for FFWORKER_TENANT_MAX_SLOTS")
+@click.option("--rate", type=str, default=None, help="jobs started per sliding minute, as N/min; 'none' for no limit")
+@pass_context
+def tenants_set_limits(ctx: Context, name: str, slots: str | None, rate: str | None) -> None:
+    """Set a tenant's fair-share limits (shown by `tenants list`)."""
+    from ffworker.tenants import TenantError, parse_rate, set_limits
+
+    changes = {}
+    try:
+        if slots is not None:
+            if slots.strip().lower() == "default":
+                changes["slots"] = None
+            elif slots.strip().isdigit():
+                changes["slots"] = int(slots)
+            else:
+                raise TenantError(f"--slots {slots!r}: give a whole number ≥ 1, or default")
+        if rate is not None:
+            changes["rate"] = parse_rate(rate)
+        row = set_limits(ctx.services.engine, name, **changes)
+    except TenantError as exc:
+        raise click.ClickException(str(exc)) from None
+    slots_shown = row["max_slots"] if row["max_slots"] is not None else f"{ctx.settings.tenant_max_slots} (default)"
+    rate_shown = f"{row['rate_per_min']}/min" if row["rate_per_min"] is not None else "none"
+    click.echo(f"{name}: slots {slots_shown}, rate {rate_shown}")
 
 
 @tenants.command("revoke-key")
@@ -323,7 +355,7 @@ def reap(ctx: Context, dry_run: bool) -> None:
 @click.option("--tenant", default=None, help="Only this tenant.")
 @click.option("--format", "output_format", type=click.Choice(["table", "csv", "json"]), default="table",
               show_default=True)
-@click.option("--view", "view", type=click.Choice(["all", "daily", "usage", "stuck"]), default="all",
+@click.option("--view", "view", type=click.Choice(["all", "daily", "usage", "wait", "stuck"]), default="all",
               show_default=True, help="daily counts, monthly usage, stuck jobs, or all three.")
 @pass_context
 def report(ctx: Context, since: str, tenant: str | None, output_format: str, view: str) -> None:

@@ -51,6 +51,10 @@ class Settings:
     allow_raw_commands: bool = False
     redispatch_after_s: float = 60.0
     task_queue: str = "ffworker"
+    # Fair share (docs/ledger.md): running slots a tenant may use unless `manage.py tenants
+    # set-limits` gave it its own; running jobs across the fleet (None: no global limit).
+    tenant_max_slots: int = 5
+    max_running: int | None = None
     # Behind a reverse proxy that sets X-Forwarded-Proto: honour it (the dashboard's cookie is
     # Secure when the proxy says https). Off: only the connection itself decides.
     trust_proxy: bool = False
@@ -154,7 +158,14 @@ POSITIVE = (
     "stale_after_s", "reaper_grace_s", "progress_interval_s", "job_timeout_s", "max_attempts",
     "retention_days", "maintenance_interval_s", "redispatch_after_s", "sse_keepalive_s",
     "sse_max_duration_s", "web_threads", "web_concurrency", "max_upload_bytes",
+    "tenant_max_slots", "max_running",
 )
+
+#: What a running job of each kind costs its tenant's slots. A probe or a thumbnail reads a
+#: little and decodes a frame or two; a transcode, concat or command keeps ffmpeg's encoder
+#: threads busy for the whole media duration; HLS encodes every rendition of a ladder at once.
+#: A job costing more than its tenant's slots runs alone (docs/ledger.md, "Fair share").
+KIND_SLOTS = {"probe": 1, "thumbnail": 1, "transcode": 2, "concat": 2, "command": 2, "hls": 3}
 
 
 def settings_or_exit(environ: Mapping[str, str] | None = None) -> Settings:

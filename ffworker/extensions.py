@@ -23,7 +23,9 @@ class Services:
 
 def init_app(app: Flask, settings: Settings) -> Services:
     process.configure(settings)  # the binaries are per process, like the app built here
-    services = Services(settings=settings, ledger=Ledger(get_engine(settings.database_url)))
+    services = Services(settings=settings, ledger=Ledger(
+        get_engine(settings.database_url), tenant_max_slots=settings.tenant_max_slots,
+        max_running=settings.max_running))
     app.extensions["ffworker"] = services
     return services
 

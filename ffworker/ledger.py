@@ -12,13 +12,15 @@ anything.
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from sqlalchemy import (
-    Boolean, ColumnElement, Connection, Double, Engine, and_, bindparam, case, delete, func, insert, literal, null, select, text,
+    Boolean, ColumnElement, Connection, Double, Engine, and_, bindparam, case, delete, func, insert, literal,
+    literal_column, null, select, text,
     tuple_, update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -88,7 +90,7 @@ _REAP_OUTCOME = case(
 
 
 _SUBMITTED_COLUMNS = ("id", "tenant_id", "kind", "spec", "workspace", "priority", "metadata", "max_attempts",
-                      "timeout_s", "idempotency_key", "request_sha256", "webhook_url")
+                      "timeout_s", "idempotency_key", "request_sha256", "webhook_url", "slots")
 
 
 def _submit_statement():
@@ -121,8 +123,36 @@ _MARK_DISPATCHED = (
 )
 
 
+# A batch in one statement, built once: one array per column, unnested into rows (a
+# statement with one VALUES row per job would be compiled again for every batch size).
+_SUBMIT_MANY = text("""
+WITH job AS (
+    INSERT INTO jobs (id, tenant_id, kind, spec, workspace, priority, metadata, max_attempts, timeout_s,
+                      idempotency_key, request_sha256, webhook_url, slots)
+    SELECT v.id, :tenant_id, v.kind, v.spec::jsonb, v.workspace, v.priority, v.metadata::jsonb, v.max_attempts,
+           v.timeout_s, v.idempotency_key, :request_sha256, v.webhook_url, v.slots
+      FROM unnest(CAST(:ids AS uuid[]), CAST(:kind AS text[]), CAST(:spec AS text[]), CAST(:workspace AS text[]),
+                  CAST(:priority AS integer[]), CAST(:metadata AS text[]), CAST(:max_attempts AS integer[]),
+                  CAST(:timeout_s AS integer[]), CAST(:keys AS text[]), CAST(:webhook_url AS text[]),
+                  CAST(:slots AS integer[]))
+           WITH ORDINALITY AS v(id, kind, spec, workspace, priority, metadata, max_attempts, timeout_s,
+                                idempotency_key, webhook_url, slots, n)
+     ORDER BY v.n
+    ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING *
+), submitted AS (
+    INSERT INTO job_events (job_id, from_status, to_status, attempt, reason, actor)
+    SELECT id, NULL, 'queued', 0, 'submitted', 'api' FROM job
+)
+SELECT * FROM job
+""")
+
+
 # How often a claim whose connection broke is read back (and tried again) before giving up.
 CLAIM_RECOVERY_ATTEMPTS = 4
+# How often claim_next tries again when its message's job was within every limit but its
+# row was held (10, 20, 40, 80 ms apart).
+CLAIM_HELD_ROW_RETRIES = 4
 # A cancel tries this long for the job's row (ms); see Ledger.request_cancel.
 CANCEL_LOCK_WAIT_MS = 1000
 LOCK_NOT_AVAILABLE = "55P03"
@@ -194,13 +224,60 @@ def _fenced(change):
                         jobs.c.attempts == bindparam("token"))
 
 
+# Which job a claim takes (docs/ledger.md, "Fair share"). Every claim first locks the
+# fleet row, then every tenant's usage row (in tenant order: the transitions' trigger takes
+# the fleet row first too, so nothing deadlocks). Claims therefore take turns, and a locked
+# row is read in its latest committed version even though the statement's snapshot is
+# older: the counters the limits are checked against are exact, whatever the number of
+# workers racing. Each tenant offers its next job (highest priority, then oldest due; a
+# later job never overtakes it, so a big job is never starved by small ones), locked with
+# SKIP LOCKED so that a job changed since the snapshot (claimed, cancelled) is re-checked
+# and passed over. Waiting instead could deadlock: a stale head may be a job that is
+# running by now, its row held by a transition waiting for the fleet row we hold. (A
+# queued row held for a moment, e.g. by the publish stamp, is what claim_next's ``hint``
+# retries cover.) Among
+# the offers that fit every limit: highest priority, then the tenant using the smallest
+# fraction of its slots, then the tenant served least recently (tenants at the same
+# fraction take turns), then the oldest due. ``pin``: only that job (a claim by id).
+_CHOOSE_SQL = """
+WITH fleet AS MATERIALIZED (
+    SELECT running_jobs FROM fleet_usage WHERE id = 1 FOR UPDATE
+), usage AS MATERIALIZED (
+    SELECT u.tenant_id, u.running_slots, coalesce(t.max_slots, :default_slots) AS max_slots,
+           t.rate_per_min, u.last_started_at,
+           (SELECT count(*) FROM unnest(u.recent_starts) s WHERE s > now() - interval '60 seconds') AS recent
+      FROM tenant_usage u JOIN tenants t ON t.id = u.tenant_id
+     WHERE (SELECT running_jobs FROM fleet) < coalesce(CAST(:max_running AS integer), 2147483647)
+     ORDER BY u.tenant_id
+       FOR UPDATE OF u
+)
+SELECT j.id
+  FROM usage u
+ CROSS JOIN LATERAL (
+       SELECT q.id, q.priority, q.run_after, q.slots
+         FROM jobs q
+        WHERE q.tenant_id = u.tenant_id AND q.status = 'queued' AND q.run_after <= now()
+          AND q.cancel_requested_at IS NULL
+          AND (CAST(:pin AS uuid) IS NULL OR q.id = CAST(:pin AS uuid))
+        ORDER BY q.priority DESC, q.run_after, q.id
+        LIMIT 1
+          FOR UPDATE SKIP LOCKED
+       ) j
+ WHERE (u.running_slots = 0 OR u.running_slots + j.slots <= u.max_slots)
+   AND (u.rate_per_min IS NULL OR u.recent < u.rate_per_min)
+ ORDER BY j.priority DESC, u.running_slots::float8 / u.max_slots, u.last_started_at NULLS FIRST,
+          j.run_after, j.id
+ LIMIT 1
+"""
+_CHOSEN = text(_CHOOSE_SQL).columns(jobs.c.id).cte("chosen")
+
 # Built once: every job's run starts with it. A new attempt starts with no progress and
 # no stderr: what the previous attempt showed would be read as this one's (its stderr
 # tail stays on the audit row that ended it).
 _CLAIM = _transition_statement(
     update(jobs)
     .where(
-        jobs.c.id == bindparam("job_id"),
+        jobs.c.id == _CHOSEN.c.id,
         jobs.c.status == "queued",
         jobs.c.run_after <= func.now(),
         jobs.c.cancel_requested_at.is_(None),
@@ -458,9 +535,38 @@ def _reap_statement():
 _REAP = _reap_statement()
 
 
+WAITING_REASONS = ("backoff", "tenant_limit", "rate_limit", "global_limit", "workers_busy")
+
+
+def waiting_expression(default_slots: int, max_running: int | None) -> ColumnElement:
+    """Why a job waits: NULL unless queued, else the first that applies of
+    ``WAITING_REASONS``, judged as the claim judges (``_CHOOSE_SQL``) on the counters now."""
+    global_limit = ("" if max_running is None else
+                    f"WHEN (SELECT running_jobs FROM fleet_usage WHERE id = 1) >= {int(max_running)} "
+                    "THEN 'global_limit'")
+    return literal_column(f"""CASE WHEN jobs.status <> 'queued' THEN NULL
+        WHEN jobs.run_after > now() THEN 'backoff'
+        ELSE (SELECT CASE
+            WHEN u.running_slots > 0 AND u.running_slots + jobs.slots > coalesce(t.max_slots, {int(default_slots)})
+                THEN 'tenant_limit'
+            WHEN t.rate_per_min IS NOT NULL AND (SELECT count(*) FROM unnest(u.recent_starts) s
+                                                  WHERE s > now() - interval '60 seconds') >= t.rate_per_min
+                THEN 'rate_limit'
+            {global_limit}
+            ELSE 'workers_busy' END
+          FROM tenant_usage u JOIN tenants t ON t.id = u.tenant_id WHERE u.tenant_id = jobs.tenant_id)
+        END""")
+
+
 class Ledger:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, tenant_max_slots: int = 5, max_running: int | None = None) -> None:
         self.engine = engine
+        # The limits of tenants without their own, and of the fleet (None: none); see claim.
+        self.tenant_max_slots = tenant_max_slots
+        self.max_running = max_running
+        self.waiting = waiting_expression(tenant_max_slots, max_running)
+        # What reads return: the row, its tenant's name and why it waits.
+        self._read = (*_RETURNING, self.waiting.label("waiting"))
 
     def _autocommit(self) -> Connection:
         """A connection whose every statement commits on its own: for single-statement writes."""
@@ -482,6 +588,7 @@ class Ledger:
         idempotency_key: str | None = None,
         request_sha256: str | None = None,
         webhook_url: str | None = None,
+        slots: int = 1,
     ) -> tuple[Row, bool]:
         """Insert a queued job; returns (job, created).
 
@@ -492,6 +599,7 @@ class Ledger:
             id=uuid.uuid4(), tenant_id=tenant_id, kind=kind, spec=spec, workspace=workspace,
             priority=priority, metadata=metadata, max_attempts=max_attempts, timeout_s=timeout_s,
             idempotency_key=idempotency_key, request_sha256=request_sha256, webhook_url=webhook_url,
+            slots=slots,
         )
         # One statement in autocommit: one round trip, and the rows the events trigger locks
         # (the transition totals) stay locked while PostgreSQL commits, not across round trips.
@@ -508,6 +616,85 @@ class Ledger:
             raise IdempotencyConflict(existing["id"])
         return dict(existing), False
 
+    def create_many(self, *, tenant_id, jobs_values: list[dict], idempotency_key: str | None = None,
+                    request_sha256: str | None = None) -> tuple[list[Row], bool]:
+        """Insert a batch of queued jobs, with their ``submitted`` events, in one statement;
+        returns (jobs in the given order, created).
+
+        ``jobs_values``: per job the columns ``create`` takes. With an idempotency key the
+        batch is one request: job ``i`` carries the key ``batch:<i>:<key>`` and the whole
+        batch's fingerprint, so a replay inserts nothing and gets the same jobs back, and
+        the key with another body raises IdempotencyConflict.
+        """
+        # Ids in ascending order: the batch shares one due time, and the claim breaks that tie
+        # by id, so the jobs start in request order.
+        ids = sorted(uuid.uuid4() for _ in jobs_values)
+        keys = ([f"batch:{index}:{idempotency_key}" for index in range(len(jobs_values))]
+                if idempotency_key is not None else [None] * len(jobs_values))
+        params = {
+            "tenant_id": tenant_id, "request_sha256": request_sha256 if idempotency_key is not None else None,
+            "ids": ids, "keys": keys,
+            **{name: [values.get(name, default) for values in jobs_values]
+               for name, default in (("kind", None), ("workspace", None), ("priority", 0), ("max_attempts", 1),
+                                     ("timeout_s", 1), ("webhook_url", None), ("slots", 1))},
+            "spec": [json.dumps(values["spec"]) for values in jobs_values],
+            "metadata": [json.dumps(values.get("metadata") or {}) for values in jobs_values],
+        }
+        with self._autocommit() as conn:
+            inserted = {row["id"]: dict(row) for row in conn.execute(_SUBMIT_MANY, params).mappings()}
+            if len(inserted) == len(ids):
+                return [inserted[job_id] for job_id in ids], True
+            existing = {r["idempotency_key"]: dict(r) for r in conn.execute(
+                select(*_RETURNING).where(jobs.c.tenant_id == tenant_id, jobs.c.idempotency_key.in_(keys))
+            ).mappings()} if idempotency_key is not None else {}
+        if (inserted or len(existing) != len(keys)
+                or any(r["request_sha256"] != request_sha256 for r in existing.values())):
+            raise IdempotencyConflict(next(iter(existing.values()))["id"] if existing else None)
+        return [existing[key] for key in keys], False
+
+    def mark_dispatched_many(self, job_ids) -> None:
+        """``mark_dispatched`` for a batch, in one statement."""
+        with self._autocommit() as conn:
+            conn.execute(
+                update(jobs).where(jobs.c.id.in_(list(job_ids)), jobs.c.status == "queued")
+                .values(dispatched_at=func.now(), dispatch_count=jobs.c.dispatch_count + 1)
+            )
+
+    def why_waiting(self, job_ids) -> dict:
+        """``waiting`` of the given jobs (id → reason or None), as reads show it."""
+        if not job_ids:
+            return {}
+        with self.engine.connect() as conn:
+            return {row.id: row.waiting for row in conn.execute(
+                select(jobs.c.id, self.waiting.label("waiting")).where(jobs.c.id.in_(list(job_ids))))}
+
+    def slots_of(self, tenant_id) -> int:
+        """The running slots a tenant may use."""
+        with self.engine.connect() as conn:
+            own = conn.execute(select(tenants.c.max_slots).where(tenants.c.id == tenant_id)).scalar()
+        return own or self.tenant_max_slots
+
+    def limits(self, tenant_id) -> dict:
+        """A tenant's limits and what it uses now, and the fleet's (GET /v1/limits)."""
+        query = text("""
+            SELECT t.max_slots, t.rate_per_min, u.running_slots, u.running_jobs,
+                   (SELECT count(*) FROM unnest(u.recent_starts) s WHERE s > now() - interval '60 seconds')
+                       AS started_last_60s,
+                   (SELECT running_jobs FROM fleet_usage WHERE id = 1) AS fleet_running,
+                   (SELECT count(*) FROM jobs WHERE tenant_id = t.id AND status = 'queued') AS queued
+              FROM tenants t JOIN tenant_usage u ON u.tenant_id = t.id WHERE t.id = :tenant""")
+        with self.engine.connect() as conn:
+            row = conn.execute(query, {"tenant": tenant_id}).mappings().one()
+        return {
+            "slots": {"limit": row["max_slots"] or self.tenant_max_slots, "default": row["max_slots"] is None,
+                      "used": row["running_slots"]},
+            "rate_per_min": {"limit": row["rate_per_min"],
+                             "started_last_60s": row["started_last_60s"] if row["rate_per_min"] else None},
+            "running_jobs": row["running_jobs"],
+            "queued_jobs": row["queued"],
+            "fleet": {"max_running": self.max_running, "running_jobs": row["fleet_running"]},
+        }
+
     def mark_dispatched(self, job_id) -> bool:
         """Stamp a publish of the job's message (bookkeeping for re-dispatch)."""
         with self._autocommit() as conn:
@@ -515,23 +702,52 @@ class Ledger:
 
     # -- a run: claim, heartbeat, finish -----------------------------------
 
+    def claim_next(self, worker: str, *, hint=None) -> Claim:
+        """Claim the best eligible job (see ``_CHOOSE_SQL``); NotClaimable with reason
+        ``none_eligible`` when nothing queued and due fits the limits now.
+
+        ``hint``: the job the message was published for. When nothing was claimed although
+        that job is queued and within every limit (``waiting`` is ``workers_busy``), its row
+        was held for a moment (the API stamps the publish right after sending the message,
+        and the claim skips held rows): the claim is tried again a few times, briefly,
+        rather than drop the job's only message.
+        """
+        for attempt in range(CLAIM_HELD_ROW_RETRIES + 1):
+            try:
+                return self._claim(None, worker)
+            except NotClaimable:
+                if (hint is None or attempt == CLAIM_HELD_ROW_RETRIES
+                        or self.why_waiting([hint]).get(_as_uuid(hint)) != "workers_busy"):
+                    raise
+            time.sleep(0.01 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
     def claim(self, job_id, worker: str) -> Claim:
-        """queued → running, if due and not cancelled. The new attempt is the token.
+        """Claim this job, if it is queued, due, not cancelled and fits its limits."""
+        return self._claim(job_id, worker)
+
+    def _claim(self, pin, worker: str) -> Claim:
+        """queued → running; the new attempt is the token. One statement.
 
         The claim writes a fresh ``claim_id``. When the connection breaks before the
-        reply arrives, the claim may or may not have committed: the row is read again,
-        and if it carries this claim's id the run is ours (else the claim is tried again,
-        a few times, before the error is raised). A lost reply must not burn an attempt.
+        reply arrives, the claim may or may not have committed: the row carrying this
+        claim's id is looked up, and if it is running the run is ours (else the claim is
+        tried again, a few times, before the error is raised). A lost reply must not burn
+        an attempt, nor hold a slot with no run behind it.
         """
-        params = {"job_id": job_id, "worker": worker, "claim_id": uuid.uuid4()}
+        params = {"pin": pin, "worker": worker, "claim_id": uuid.uuid4(),
+                  "default_slots": self.tenant_max_slots, "max_running": self.max_running}
         for attempt in range(CLAIM_RECOVERY_ATTEMPTS):
             try:
                 with self._autocommit() as conn:
                     row = conn.execute(_CLAIM, params).mappings().first()
                     if row is None and attempt > 0:  # did the try whose reply was lost commit?
-                        row = self._own_claim(conn, job_id, params["claim_id"])
+                        row = self._own_claim(conn, params["claim_id"])
                     if row is None:
-                        raise self._not_claimable(conn, job_id)
+                        if pin is None:
+                            raise NotClaimable(None, "no queued job is due and within its limits",
+                                               reason="none_eligible")
+                        raise self._not_claimable(conn, pin)
                 return Claim(job=dict(row), token=row["attempts"])
             except OperationalError as exc:
                 if not exc.connection_invalidated or attempt == CLAIM_RECOVERY_ATTEMPTS - 1:
@@ -540,10 +756,10 @@ class Ledger:
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _own_claim(conn: Connection, job_id, claim_id) -> Row | None:
-        """The job as claimed by ``claim_id``, if that claim committed and still runs."""
+    def _own_claim(conn: Connection, claim_id) -> Row | None:
+        """The job claimed by ``claim_id``, if that claim committed and still runs."""
         return conn.execute(
-            select(*_RETURNING).where(jobs.c.id == job_id, jobs.c.claim_id == claim_id, jobs.c.status == "running")
+            select(*_RETURNING).where(jobs.c.status == "running", jobs.c.claim_id == claim_id)
         ).mappings().first()
 
     @staticmethod
@@ -560,7 +776,15 @@ class Ledger:
             due_in_s = float(row.due_in_s)
             return NotClaimable(job_id, f"job {job_id} is queued but not due for {due_in_s:.3f} s",
                                 reason="not_due", due_in_s=due_in_s)
+        if row.status == "queued":
+            return NotClaimable(job_id, f"job {job_id} is queued and waits for its limits", reason="waiting")
         return NotClaimable(job_id, f"job {job_id} is not claimable ({row.status})")
+
+    def due_in_s(self, job_id) -> float | None:
+        """How long until a queued job is due, by the database's clock; None when it is
+        due, or not queued."""
+        with self.engine.connect() as conn:
+            return self._not_claimable(conn, job_id).due_in_s
 
     def heartbeat(
         self, job_id, token: int, progress: Mapping[str, Any] | None = None,
@@ -769,7 +993,7 @@ class Ledger:
         created_after=None, created_before=None, before: tuple | None = None,
     ) -> list[Row]:
         """A tenant's jobs, newest first; ``before`` is the (created_at, id) keyset cursor."""
-        query = select(*_RETURNING).where(jobs.c.tenant_id == tenant_id)
+        query = select(*self._read).where(jobs.c.tenant_id == tenant_id)
         for column, value in ((jobs.c.status, status), (jobs.c.kind, kind), (jobs.c.workspace, workspace)):
             if value is not None:
                 query = query.where(column == value)
@@ -790,9 +1014,8 @@ class Ledger:
             ).mappings().all()
         return [dict(r) for r in rows]
 
-    @staticmethod
-    def _get(conn: Connection, job_id) -> Row | None:
-        row = conn.execute(select(*_RETURNING).where(jobs.c.id == job_id)).mappings().first()
+    def _get(self, conn: Connection, job_id) -> Row | None:
+        row = conn.execute(select(*self._read).where(jobs.c.id == job_id)).mappings().first()
         return dict(row) if row is not None else None
 
     @staticmethod
@@ -866,6 +1089,13 @@ class Ledger:
                 done.extend(ids)
                 if len(ids) < batch:
                     return done
+
+
+def _as_uuid(value) -> uuid.UUID | None:
+    try:
+        return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+    except ValueError:
+        return None
 
 
 def job_filter(*, tenant_id=None, status=None, kind=None, workspace=None, created_after=None,

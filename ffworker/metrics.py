@@ -26,10 +26,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, func, select, text
 
 from ffworker import webhooks
-from ffworker.models import JOB_KINDS, TERMINAL_STATUSES
+from ffworker.ledger import WAITING_REASONS, waiting_expression
+from ffworker.models import JOB_KINDS, TERMINAL_STATUSES, Job
+
+jobs_table = Job.__table__
 
 log = logging.getLogger("ffworker.metrics")
 
@@ -57,6 +60,19 @@ _CURRENT = text("""
 """)
 
 
+_TENANT_SLOTS = text("""
+    SELECT t.name AS tenant, u.running_slots, coalesce(t.max_slots, :default_slots) AS max_slots
+      FROM tenant_usage u JOIN tenants t ON t.id = u.tenant_id
+""")
+
+
+def _waiting_query(waiting):
+    """Queued jobs by why they wait (the same rule as the job's ``waiting``)."""
+    reason = waiting.label("reason")
+    return select(reason, func.count().label("jobs")).select_from(jobs_table).where(
+        jobs_table.c.status == "queued").group_by(reason)
+
+
 class _Histogram:
     """Per-bucket counts summed over rows, exposed cumulatively."""
 
@@ -81,9 +97,12 @@ class _Histogram:
 class LedgerCollector:
     """A prometheus-client collector that reads the ledger on each scrape."""
 
-    def __init__(self, engine: Engine, stale_after_s: float) -> None:
+    def __init__(self, engine: Engine, stale_after_s: float, *, tenant_max_slots: int = 5,
+                 max_running: int | None = None) -> None:
         self.engine = engine
         self.stale_after_s = stale_after_s
+        self.tenant_max_slots = tenant_max_slots
+        self.waiting = _waiting_query(waiting_expression(tenant_max_slots, max_running))
 
     def describe(self) -> Iterable[Metric]:
         return []  # unchecked collector: families depend on the data
@@ -98,6 +117,8 @@ class LedgerCollector:
                     totals = conn.execute(_TOTALS).mappings().all()
                     current = conn.execute(_CURRENT, {"stale_after_s": self.stale_after_s}).mappings().all()
                     webhook_rows = webhooks.metrics_read(conn)
+                    waiting = conn.execute(self.waiting).all()
+                    slots = conn.execute(_TENANT_SLOTS, {"default_slots": self.tenant_max_slots}).all()
         except Exception as exc:
             log.warning("event=metrics_scrape_failed error=%s", type(exc).__name__)
             yield GaugeMetricFamily("ffworker_ledger_up", "1 when the ledger answered this scrape", value=0)
@@ -106,8 +127,26 @@ class LedgerCollector:
         yield from self._from_totals(totals, list(bounds["seconds"]), list(bounds["speed"]))
         yield from self._from_current(current)
         yield from webhooks.metric_families(webhook_rows, list(bounds["seconds"]))
+        yield from self._fair_share(waiting, slots)
         yield GaugeMetricFamily("ffworker_metrics_scrape_duration_seconds",
                                 "Time this scrape spent reading the ledger", value=time.monotonic() - started)
+
+    @staticmethod
+    def _fair_share(waiting, slots) -> Iterable[Metric]:
+        counts = dict(waiting)
+        family = GaugeMetricFamily("ffworker_jobs_waiting", "Queued jobs by why they wait (the job's `waiting`)",
+                                   labels=["reason"])
+        for reason in WAITING_REASONS:
+            family.add_metric([reason], counts.get(reason, 0))
+        yield family
+        running = GaugeMetricFamily("ffworker_tenant_running_slots", "Slots a tenant's running jobs use now",
+                                    labels=["tenant"])
+        limit = GaugeMetricFamily("ffworker_tenant_max_slots", "Slots a tenant may use at once", labels=["tenant"])
+        for row in sorted(slots):
+            running.add_metric([row.tenant], row.running_slots)
+            limit.add_metric([row.tenant], row.max_slots)
+        yield running
+        yield limit
 
     def _from_totals(self, rows, seconds_bounds: list[float], speed_bounds: list[float]) -> Iterable[Metric]:
         created: dict[tuple, float] = defaultdict(float)
@@ -202,9 +241,11 @@ class Metrics:
     """The app's registry: only ledger-derived metrics (no per-process ones, which
     would differ between the processes behind one scrape address)."""
 
-    def __init__(self, engine: Engine, stale_after_s: float) -> None:
+    def __init__(self, engine: Engine, stale_after_s: float, *, tenant_max_slots: int = 5,
+                 max_running: int | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(LedgerCollector(engine, stale_after_s))
+        self.registry.register(LedgerCollector(engine, stale_after_s, tenant_max_slots=tenant_max_slots,
+                                               max_running=max_running))
 
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """(body, content type), in the format the scraper's Accept header asks for."""

@@ -61,9 +61,15 @@ class Tenant(Base):
     id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True, server_default=func.gen_random_uuid())
     name: Mapped[str] = mapped_column(Text, unique=True)
     created_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    # The tenant's limits (docs/ledger.md, "Fair share"). NULL: FFWORKER_TENANT_MAX_SLOTS;
+    # no limit on starts.
+    max_slots: Mapped[int | None] = mapped_column(Integer)
+    rate_per_min: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
         CheckConstraint(r"name ~ '^[a-z0-9][a-z0-9_-]{0,62}$'", name="name_format"),
+        CheckConstraint("(max_slots IS NULL OR max_slots >= 1) AND (rate_per_min IS NULL OR rate_per_min >= 1)",
+                        name="limits_valid"),
     )
 
 
@@ -93,6 +99,8 @@ class Job(Base):
     request_sha256: Mapped[str | None] = mapped_column(Text)
 
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    # What the job costs its tenant's slots while it runs (from its kind, at submission).
+    slots: Mapped[int] = mapped_column(Integer, server_default="1")
     max_attempts: Mapped[int] = mapped_column(Integer)
     timeout_s: Mapped[int] = mapped_column(Integer)
     worker: Mapped[str | None] = mapped_column(Text)
@@ -136,6 +144,7 @@ class Job(Base):
         CheckConstraint(_in_list("status", JOB_STATUSES), name="status_valid"),
         CheckConstraint(_in_list("kind", JOB_KINDS), name="kind_valid"),
         CheckConstraint("attempts >= 0 AND max_attempts >= 1", name="attempts_valid"),
+        CheckConstraint("slots >= 1", name="slots_valid"),
         # Nothing claims, re-dispatches or reaps a queued job whose cancel was requested:
         # such a row would wait forever, so no write may produce it.
         CheckConstraint("NOT (status = 'queued' AND cancel_requested_at IS NOT NULL)",
@@ -149,6 +158,9 @@ class Job(Base):
         # Scans of the maintenance jobs: queued work to (re)dispatch, running work to reap.
         Index("ix_jobs_queued_run_after", "run_after", postgresql_where=text("status = 'queued'")),
         Index("ix_jobs_running_started", "started_at", postgresql_where=text("status = 'running'")),
+        # The claim: each tenant's next job (highest priority, then oldest due), whatever the backlog.
+        Index("ix_jobs_queued_tenant_next", "tenant_id", text("priority DESC"), "run_after", "id",
+              postgresql_where=text("status = 'queued'")),
         # Retention prunes old terminal jobs.
         Index("ix_jobs_terminal_finished", "finished_at", postgresql_where=text(_in_list("status", TERMINAL_STATUSES))),
         Index(
@@ -180,6 +192,29 @@ class JobEvent(Base):
         Index("ix_job_events_job_id_id", "job_id", "id"),
         CheckConstraint(_in_list("actor", ACTORS), name="actor_valid"),
     )
+
+
+class FleetUsage(Base):
+    """One row: running jobs across the fleet. Kept by the trigger of migration 0010; the
+    claim locks it first (the global limit, and the fixed lock order)."""
+
+    __tablename__ = "fleet_usage"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, server_default="1")
+    running_jobs: Mapped[int] = mapped_column(Integer, server_default="0")
+
+
+class TenantUsage(Base):
+    """One row per tenant: what it runs now and when it last started jobs (the rate limit's
+    window). Kept by the trigger of migration 0010 in each transition's own transaction."""
+
+    __tablename__ = "tenant_usage"
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(UUID, ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    running_jobs: Mapped[int] = mapped_column(Integer, server_default="0")
+    running_slots: Mapped[int] = mapped_column(Integer, server_default="0")
+    last_started_at: Mapped[datetime | None] = mapped_column(TZ)
+    recent_starts: Mapped[list[datetime]] = mapped_column(ARRAY(TZ), server_default=text("'{}'"))
 
 
 class MaintenanceState(Base):

@@ -1,4 +1,4 @@
-"""The reporting views (migration 0002, docs/ledger.md) as ``manage.py report`` prints them."""
+"""The reporting views (migrations 0002 and 0010, docs/ledger.md) as ``manage.py report`` prints them."""
 from __future__ import annotations
 
 import csv
@@ -13,7 +13,7 @@ from decimal import Decimal
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import ProgrammingError
 
-VIEWS = ("daily", "usage", "stuck")
+VIEWS = ("daily", "usage", "wait", "stuck")
 
 _QUERIES = {
     # The days (UTC) that overlap the window, newest first.
@@ -30,6 +30,13 @@ _QUERIES = {
            AND (CAST(:tenant AS text) IS NULL OR tenant = :tenant)
          ORDER BY month DESC, tenant
     """,
+    # Queue wait per tenant, the days (UTC) that overlap the window, newest first.
+    "wait": """
+        SELECT * FROM report_queue_wait
+         WHERE day >= ((now() - :since) AT TIME ZONE 'UTC')::date
+           AND (CAST(:tenant AS text) IS NULL OR tenant = :tenant)
+         ORDER BY day DESC, tenant
+    """,
     # Stuck now, whatever the window.
     "stuck": """
         SELECT * FROM report_stuck_jobs
@@ -41,6 +48,7 @@ _QUERIES = {
 TITLES = {
     "daily": "report_daily_jobs: jobs per day (UTC, by submission), tenant, kind and status",
     "usage": "report_monthly_usage: usage per tenant and month (UTC, by submission)",
+    "wait": "report_queue_wait: queue wait per tenant and day (UTC, of the claim)",
     "stuck": "report_stuck_jobs: running jobs without a heartbeat for longer than the stale threshold",
 }
 

@@ -76,6 +76,10 @@ class JobSchema(Schema):
     error = fields.Nested(JobErrorSchema, allow_none=True)
     metadata = fields.Dict()
     webhook_url = fields.String(allow_none=True)
+    slots = fields.Integer(metadata={"description": "What the job costs its tenant's running slots"})
+    waiting = fields.String(allow_none=True, metadata={
+        "enum": ["backoff", "tenant_limit", "rate_limit", "global_limit", "workers_busy"],
+        "description": "Why a queued job has not started (null unless queued)"})
 
 
 class JobListSchema(Schema):
@@ -111,6 +115,8 @@ def present(row: Mapping) -> dict:
         "error": error,
         "metadata": row["metadata"],
         "webhook_url": row.get("webhook_url"),
+        "slots": row.get("slots", 1),
+        "waiting": row.get("waiting") if row["status"] == "queued" else None,
     }
 
 

@@ -67,9 +67,48 @@ def _insert_key(conn, tenant_id) -> str:
     return key
 
 
+RATE_PATTERN = re.compile(r"^\s*(\d+)\s*(?:/\s*min)?\s*$")
+
+
+def parse_rate(text: str) -> int | None:
+    """``N/min`` (or ``N``) → N; ``none`` → None (no rate limit)."""
+    if text.strip().lower() in ("none", "off", "-"):
+        return None
+    match = RATE_PATTERN.match(text)
+    if match is None or int(match.group(1)) < 1:
+        raise TenantError(f"rate {text!r}: give N/min with N ≥ 1, or none")
+    return int(match.group(1))
+
+
+_UNSET = object()
+
+
+def set_limits(engine: Engine, name: str, *, slots=_UNSET, rate=_UNSET) -> dict:
+    """Set a tenant's running slots and starts per minute (None: back to the default / no
+    rate limit). The next claim applies them; running jobs are never stopped by a lower limit."""
+    values = {}
+    if slots is not _UNSET:
+        if slots is not None and slots < 1:
+            raise TenantError("slots must be 1 or more")
+        values["max_slots"] = slots
+    if rate is not _UNSET:
+        values["rate_per_min"] = rate
+    with engine.begin() as conn:
+        statement = update(tenants).where(tenants.c.name == name)
+        if values:
+            statement = statement.values(**values)
+        else:
+            statement = statement.values(name=tenants.c.name)
+        row = conn.execute(statement.returning(tenants.c.max_slots, tenants.c.rate_per_min)).mappings().first()
+    if row is None:
+        raise TenantError(f"no tenant named {name!r}")
+    return dict(row)
+
+
 def list_tenants(engine: Engine) -> list[dict]:
     query = (
-        select(tenants.c.name, tenants.c.created_at, api_keys.c.prefix, api_keys.c.created_at.label("key_created_at"),
+        select(tenants.c.name, tenants.c.created_at, tenants.c.max_slots, tenants.c.rate_per_min,
+               api_keys.c.prefix, api_keys.c.created_at.label("key_created_at"),
                api_keys.c.revoked_at)
         .select_from(tenants.outerjoin(api_keys, api_keys.c.tenant_id == tenants.c.id))
         .order_by(tenants.c.name, api_keys.c.created_at)

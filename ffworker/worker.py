@@ -135,7 +135,7 @@ def last_error_line(stderr: str) -> str:
 class RunReport:
     outcome: str                  # skipped, completed, failed, retry, cancelled or lost
     row: dict | None = None       # the job as the run left it, when it wrote last
-    due_in_s: float | None = None # skipped because not due yet: the database's remaining delay
+    due_in_s: float | None = None # the message's job is queued, not due yet: the database's remaining delay
 
     @property
     def retry_in_s(self) -> float | None:
@@ -146,18 +146,26 @@ class RunReport:
 
 
 def run(job_id, ledger: Ledger, settings: Settings) -> RunReport:
-    """Run the job if it can be claimed; a duplicate or early message does nothing."""
+    """Claim and run the best eligible job (the ledger picks it; ``job_id``, the message's,
+    is not necessarily the job run). A duplicate message, or one that finds nothing
+    within the limits, does nothing; when ``job_id`` is queued but not yet due, the report
+    carries the database's remaining delay so the message is sent again."""
     started = time.monotonic()
     try:
-        claim = ledger.claim(job_id, worker_name())
+        claim = ledger.claim_next(worker_name(), hint=job_id)
     except NotClaimable as exc:
         # This message claimed nothing: there is no attempt of its own to name.
-        log.info("job=%s attempt=none event=skipped reason=%r", job_id, str(exc))
-        return RunReport("skipped", due_in_s=exc.due_in_s)
+        due_in_s = ledger.due_in_s(job_id) if job_id else None
+        why = str(exc) if due_in_s is None else f"job {job_id} is queued but not due for {due_in_s:.3f} s"
+        log.info("job=%s attempt=none event=skipped reason=%r", job_id, why)
+        return RunReport("skipped", due_in_s=due_in_s)
+    early = None
+    if job_id is not None and str(claim.job["id"]) != str(job_id):
+        early = ledger.due_in_s(job_id)
     job_run = JobRun(claim, ledger, settings)
     job_run.phases["claim"] = time.monotonic() - started
     outcome = job_run.execute()
-    return RunReport(outcome, job_run.final_row)
+    return RunReport(outcome, job_run.final_row, due_in_s=early)
 
 
 class JobRun:

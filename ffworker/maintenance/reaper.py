@@ -32,7 +32,7 @@ from celery import shared_task
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 
-from ffworker.dispatch import dispatch
+from ffworker.dispatch import dispatch, run_next
 from ffworker.extensions import services
 from ffworker.ledger import Ledger, is_stale, jobs, seconds
 from ffworker.models import MaintenanceState
@@ -69,6 +69,9 @@ def task() -> dict:
                   grace_s=current.settings.reaper_grace_s, interval_s=current.settings.maintenance_interval_s)
     for decision in report.requeued:
         dispatch(decision["id"], countdown=(decision["run_after"] - decision["updated_at"]).total_seconds())
+    if report.status == "reaped" and report.decisions:
+        # The reaped runs' slots are free now: waiting work starts at once.
+        run_next(sum(decision.get("slots") or 1 for decision in report.decisions))
     return {"status": report.status, "reaped": len(report.decisions)}
 
 

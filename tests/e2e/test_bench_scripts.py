@@ -20,7 +20,9 @@ def test_there_are_bench_scripts():
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_quick_mode_runs_and_prints_its_figures(script, settings):
+def test_quick_mode_runs_and_prints_its_figures(script, settings, clean_ledger):
+    # clean_ledger: a worker claims the best eligible job of the whole ledger, whatever queue
+    # its message came from, so a script's worker would first run what earlier tests left queued.
     # The scripts make their own tenants (and queues or databases) in the run's database.
     env = {**os.environ, "FFWORKER_DATABASE_URL": settings.database_url}
     env.pop("FFWORKER_TASK_QUEUE", None)

@@ -20,6 +20,7 @@ from sqlalchemy import text
 from ffworker import paths, process
 from ffworker.celery_wiring import maintenance_queue
 from ffworker.maintenance import prune
+from ffworker.tenants import set_limits
 from tests.conftest import BeatProcess, WorkerProcess
 from tests.e2e.test_worker import leftovers, submit
 from tests.helpers import ffmpeg_processes_touching, make_celery_current, wait_until
@@ -140,6 +141,8 @@ def test_thirty_transcodes_survive_a_killed_worker_and_a_purged_queue(
     started = time.monotonic()
     host = socket.gethostname()
     make_clip(tenant.media / "in.mp4", seconds=CLIP_S, size="320x240")
+    # Room for every worker process to encode at once (by default a tenant runs 2 transcodes).
+    set_limits(engine, tenant.name, slots=2 * 6)
     outputs = [f"out/clip-{n:02d}.mp4" for n in range(JOBS)]
     queues = [settings.task_queue, maintenance_queue(settings)]
 

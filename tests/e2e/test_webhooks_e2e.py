@@ -10,6 +10,7 @@ from standardwebhooks import Webhook
 
 from ffworker import webhooks
 from ffworker.maintenance import webhook_relay
+from ffworker.tenants import set_limits
 from tests.conftest import WorkerProcess
 from tests.e2e.test_worker import finished, submit
 from tests.helpers import wait_until
@@ -158,6 +159,7 @@ def test_a_flushed_broker_delays_a_delivery_but_never_loses_it(
 def test_100_jobs_completing_at_once_make_exactly_100_deliveries_per_endpoint(
         start_worker, client, tenant, ledger, engine, private_ok, receiver):
     start_worker()
+    set_limits(engine, tenant.name, slots=10)  # ten runs at once: room in the tenant's running slots
     endpoints = [add_endpoint(client, tenant, receiver.url(f"/e{n}"), ["job.completed"]) for n in range(2)]
     add_endpoint(client, tenant, receiver.url("/started"), ["job.started"])
     jobs = [str(new_job(ledger, tenant)["id"]) for _ in range(100)]

@@ -56,7 +56,7 @@ def test_json_report_of_the_last_week(recent):
     result = report("--format", "json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert set(data) == {"daily", "usage", "stuck"}
+    assert set(data) == {"daily", "usage", "wait", "stuck"}
     days = {(row["day"], row["tenant"], row["kind"], row["status"]): row["jobs"] for row in data["daily"]}
     assert days[(utc_day(timedelta(days=3)), "acme", "transcode", "completed")] == 1
     assert days[(utc_day(timedelta(hours=2)), "globex", "probe", "completed")] == 1
@@ -86,8 +86,9 @@ def test_csv_report_is_one_document_per_view(recent):
     assert acme >= 3  # the month may or may not reach back 20 days
     everything = report("--format", "csv").stdout
     blocks = everything.split("\n\n")
-    assert [block.splitlines()[0] for block in blocks] == ["# daily", "# usage", "# stuck"]
-    assert blocks[2].splitlines()[1].startswith("job_id,tenant,workspace,kind,attempt")
+    assert [block.splitlines()[0] for block in blocks] == ["# daily", "# usage", "# wait", "# stuck"]
+    assert blocks[2].splitlines()[1].startswith("day,tenant,claims,queue_wait_p50_s")
+    assert blocks[3].splitlines()[1].startswith("job_id,tenant,workspace,kind,attempt")
 
 
 def test_table_report_has_a_titled_table_per_view(recent):

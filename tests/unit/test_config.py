@@ -26,6 +26,7 @@ def test_every_variable_is_read_under_its_documented_name():
         "FFWORKER_SSE_MAX_DURATION_S": "60", "FFWORKER_WEB_THREADS": "8", "WEB_CONCURRENCY": "2", "PORT": "9000",
         "FFWORKER_TRUST_PROXY": "on", "FFWORKER_MAX_UPLOAD_BYTES": "1048576",
         "FFWORKER_ALLOW_URL_INPUTS": "1", "FFWORKER_ALLOW_HTTP_INPUTS": "true",
+        "FFWORKER_TRUST_PROXY": "on", "FFWORKER_TENANT_MAX_SLOTS": "8", "FFWORKER_MAX_RUNNING": "40",
     }
     settings = Settings.from_env(environ)
     assert settings == Settings(
@@ -35,6 +36,7 @@ def test_every_variable_is_read_under_its_documented_name():
         task_queue="media", ffmpeg="/opt/ff/ffmpeg", ffprobe="/opt/ff/ffprobe", sse_max_streams=0,
         sse_keepalive_s=5, sse_max_duration_s=60, web_threads=8, web_concurrency=2, port=9000, trust_proxy=True,
         max_upload_bytes=1048576, allow_url_inputs=True, allow_http_inputs=True,
+        tenant_max_slots=8, max_running=40,
     )
 
 
@@ -62,6 +64,9 @@ def test_an_empty_variable_means_its_default():
     ({"FFWORKER_MAX_UPLOAD_BYTES": "1e9"}, "FFWORKER_MAX_UPLOAD_BYTES=1e9 is not a whole number"),
     ({"FFWORKER_ALLOW_HTTP_INPUTS": "1"}, "FFWORKER_ALLOW_HTTP_INPUTS=1 needs FFWORKER_ALLOW_URL_INPUTS=1"),
     ({"FFWORKER_ALLOW_URL_INPUTS": "https"}, "FFWORKER_ALLOW_URL_INPUTS=https must be one of 1, true"),
+    ({"FFWORKER_TENANT_MAX_SLOTS": "0"}, "FFWORKER_TENANT_MAX_SLOTS=0 must be a positive number"),
+    ({"FFWORKER_TENANT_MAX_SLOTS": "2.5"}, "FFWORKER_TENANT_MAX_SLOTS=2.5 is not a whole number"),
+    ({"FFWORKER_MAX_RUNNING": "-3"}, "FFWORKER_MAX_RUNNING=-3 must be a positive number"),
     ({"PORT": "70000"}, "PORT=70000 must be a TCP port"),
     ({"FFWORKER_ALLOW_RAW_COMMANDS": "maybe"}, "FFWORKER_ALLOW_RAW_COMMANDS=maybe must be one of 1, true, yes"),
     ({"FFWORKER_TRUST_PROXY": "https"}, "FFWORKER_TRUST_PROXY=https must be one of 1, true, yes"),
