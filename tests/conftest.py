@@ -17,8 +17,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.engine import make_url
 
 from ffworker import db as ffdb
@@ -107,6 +109,22 @@ def ledger(app):
 
 @pytest.fixture
 def clean_ledger(engine):
+    # A module's worker process may still be finishing an earlier test's job (a claim locks the
+    # usage rows, a completion stores probes) while this TRUNCATE takes its exclusive locks table
+    # by table: PostgreSQL can only break such a cycle by cancelling one side. When it cancels
+    # ours, the worker's statement has gone through; empty the tables again.
+    for attempt in range(1, 6):
+        try:
+            _truncate_ledger(engine)
+            break
+        except DBAPIError as exc:
+            if attempt == 5 or not isinstance(exc.orig, psycopg.errors.DeadlockDetected):
+                raise
+            time.sleep(0.1 * attempt)
+    yield
+
+
+def _truncate_ledger(engine) -> None:
     with engine.begin() as conn:
         # probe_cache first: a worker of an earlier test may still be storing a probe, which
         # locks probe_cache and then (its foreign key) tenants; taking them in the other order
@@ -114,7 +132,6 @@ def clean_ledger(engine):
         conn.execute(text("TRUNCATE probe_cache, job_events, jobs, api_keys, tenants, maintenance_state CASCADE"))
         # TRUNCATE fires no row trigger: the fleet's running count goes back to zero by hand.
         conn.execute(text("UPDATE fleet_usage SET running_jobs = 0"))
-    yield
 
 
 def _purge_queue(app) -> None:
