@@ -134,6 +134,23 @@ def _truncate_ledger(engine) -> None:
         conn.execute(text("UPDATE fleet_usage SET running_jobs = 0"))
 
 
+
+@pytest.fixture
+def receiver():
+    """A webhook receiver on loopback (tests.receiver), closed after the test."""
+    from tests.receiver import Receiver
+
+    server = Receiver()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def private_ok(app, monkeypatch):
+    """FFWORKER_ALLOW_PRIVATE_URLS=1 for this app (the receiver listens on loopback)."""
+    current = app.extensions["ffworker"]
+    monkeypatch.setattr(current, "settings", current.settings.with_overrides(allow_private_urls=True))
+
 def _purge_queue(app) -> None:
     celery = app.extensions["celery"]
     try:

@@ -14,24 +14,10 @@ from ffworker.tenants import set_limits
 from tests.conftest import WorkerProcess
 from tests.e2e.test_worker import finished, submit
 from tests.helpers import wait_until
-from tests.receiver import Receiver
 
 pytestmark = pytest.mark.e2e
 
 PRIVATE_OK = {"FFWORKER_ALLOW_PRIVATE_URLS": "1"}
-
-
-@pytest.fixture
-def receiver():
-    server = Receiver()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def private_ok(app, monkeypatch):
-    current = app.extensions["ffworker"]
-    monkeypatch.setattr(current, "settings", current.settings.with_overrides(allow_private_urls=True))
 
 
 def webhooks_queue(settings) -> str:

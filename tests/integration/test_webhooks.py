@@ -16,7 +16,6 @@ from ffworker.cli import cli
 from ffworker.client import WebhookVerificationError, verify_webhook
 from ffworker.maintenance.prune import prune_jobs
 from tests.integration.test_ledger import backdate
-from tests.receiver import Receiver
 
 pytestmark = pytest.mark.integration
 
@@ -27,20 +26,6 @@ GUARDED_URLS = [
     "http://2130706433/", "http://0x7f.1/", "http://192.168.1.1/", "http://[fd00::1]/", "http://[fe80::1]/",
     "http://224.0.0.1/", "http://100.100.100.200/", "http://app.localhost/",
 ]
-
-
-@pytest.fixture
-def receiver():
-    server = Receiver()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def private_ok(app, monkeypatch):
-    """FFWORKER_ALLOW_PRIVATE_URLS=1 for this app (the receiver listens on loopback)."""
-    current = app.extensions["ffworker"]
-    monkeypatch.setattr(current, "settings", current.settings.with_overrides(allow_private_urls=True))
 
 
 def add_endpoint(client, tenant, url, events=ALL_EVENTS, **extra) -> dict:
