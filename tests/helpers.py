@@ -1,11 +1,20 @@
 """Helpers shared by the tests (not fixtures)."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
+from ffworker.client import Client
 from ffworker.config import Settings
+from tests.pgserver import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def environment_of(settings: Settings) -> dict[str, str]:
@@ -80,3 +89,36 @@ def option(args: list[str], flag: str) -> str:
     """The value following the one occurrence of ``flag``."""
     assert args.count(flag) == 1, f"{flag} appears {args.count(flag)} times in {args}"
     return args[args.index(flag) + 1]
+
+
+@contextmanager
+def gunicorn(log_path: Path, env: dict[str, str]):
+    """One gunicorn web process as the Procfile starts it, on a free loopback port, with ``env``
+    over this run's environment; yields (url, process) once /health answers, and stops its
+    whole process group afterwards."""
+    port = free_port()
+    environment = {**os.environ, **env}
+    environment.pop("FFWORKER_SSE_MAX_STREAMS", None)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "ffworker/gunicorn_conf.py"),
+             "--bind", f"127.0.0.1:{port}", "--workers", "1", "ffworker.app:create_app()"],
+            cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while not Client(url).healthy():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"gunicorn did not start: {log_path.read_text()[-2000:]}")
+        time.sleep(0.1)
+    try:
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

@@ -6,12 +6,6 @@ printed at the end of the module).
 """
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -22,54 +16,25 @@ from click.testing import CliRunner
 from sqlalchemy import text
 
 from ffworker.cli import cli
-from ffworker.client import Client
-from tests.helpers import ffmpeg_processes_touching, make_celery_current, wait_until
+from tests.helpers import ffmpeg_processes_touching, gunicorn, make_celery_current, wait_until
 
 pytestmark = pytest.mark.e2e
 
 import playwright.sync_api as playwright_api  # noqa: E402  (test extras)
 expect = playwright_api.expect
 
-ROOT = Path(__file__).resolve().parents[2]
 # Debian's chromium, which scripts/bootstrap.sh installs: Playwright's own browser download is
 # not possible here.
 CHROMIUM = "/usr/bin/chromium"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def web(settings, tmp_path_factory):
     """One gunicorn process as the Procfile starts it; closed pages free their stream slot at
     the next keep-alive, so keep-alives are frequent here."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("web") / "gunicorn.log"
-    env = {**os.environ, "FFWORKER_SSE_KEEPALIVE_S": "1", "FFWORKER_WEB_THREADS": "16"}
-    env.pop("FFWORKER_SSE_MAX_STREAMS", None)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "ffworker/gunicorn_conf.py"),
-             "--bind", f"127.0.0.1:{port}", "--workers", "1", "ffworker.app:create_app()"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while not Client(url).healthy():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"gunicorn did not start: {log_path.read_text()[-2000:]}")
-        time.sleep(0.1)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    env = {"FFWORKER_SSE_KEEPALIVE_S": "1", "FFWORKER_WEB_THREADS": "16"}
+    with gunicorn(tmp_path_factory.mktemp("web") / "gunicorn.log", env) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")

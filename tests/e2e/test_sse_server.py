@@ -3,61 +3,28 @@ and a real worker running ffmpeg."""
 from __future__ import annotations
 
 import os
-import signal
 import uuid
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
 from sqlalchemy import text
 
 from ffworker.client import Client
+from tests.helpers import gunicorn
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
 THREADS = 6  # → 2 stream slots (6 − max(4, 6 // 4)), 4 threads for everything else
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def web(settings, tmp_path_factory):
     """One gunicorn process with THREADS threads, as the Procfile starts it."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("web") / "gunicorn.log"
-    env = {**os.environ, "FFWORKER_SSE_KEEPALIVE_S": "0.5", "FFWORKER_WEB_THREADS": str(THREADS)}
-    env.pop("FFWORKER_SSE_MAX_STREAMS", None)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "ffworker/gunicorn_conf.py"),
-             "--bind", f"127.0.0.1:{port}", "--workers", "1", "ffworker.app:create_app()"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while not Client(url).healthy():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"gunicorn did not start: {log_path.read_text()[-2000:]}")
-        time.sleep(0.1)
-    yield url, proc
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    env = {"FFWORKER_SSE_KEEPALIVE_S": "0.5", "FFWORKER_WEB_THREADS": str(THREADS)}
+    with gunicorn(tmp_path_factory.mktemp("web") / "gunicorn.log", env) as (url, proc):
+        yield url, proc
 
 
 def open_stream(url, tenant, job_id):
