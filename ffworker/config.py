@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Mapping
@@ -23,6 +24,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 BROKER_SCHEMES = ("redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp")
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+MAX_PRESIGN_EXPIRES_S = 7 * 24 * 3600
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 
@@ -68,6 +71,16 @@ class Settings:
     # The largest file ffworker takes in (10 GiB): a files API upload (413 beyond) and each
     # downloaded URL input.
     max_upload_bytes: int = 10 * 1024 ** 3
+    # Object storage (docs/storage.md): s3://bucket/prefix makes a bucket the media store
+    # instead of media_root; endpoint, region and credentials come from boto3's own AWS_*
+    # variables. None: the local media root.
+    storage_url: str | None = None
+    # How long a result's presigned download URL stays valid (SigV4 allows at most 7 days).
+    presign_expires_s: int = 3600
+    # The bucket's address as clients reach it, when it differs from the workers' AWS_ENDPOINT_URL.
+    storage_public_url: str | None = None
+    # What one run may download into its local scratch directory in object-storage mode.
+    scratch_max_bytes: int = 50 * 1024 ** 3
     ffmpeg: str = "ffmpeg"
     ffprobe: str = "ffprobe"
     # None: the web process's threads minus the reserve kept for ordinary requests.
@@ -131,6 +144,15 @@ class Settings:
             self._fail("database_url", "must be a PostgreSQL URL (postgresql+psycopg://…)")
         if urlsplit(self.broker_url).scheme not in BROKER_SCHEMES:
             self._fail("broker_url", f"must use one of the schemes {', '.join(BROKER_SCHEMES)}")
+        if self.storage_url is not None:
+            parts = urlsplit(self.storage_url)
+            if parts.scheme != "s3" or not BUCKET_NAME.fullmatch(parts.netloc) or parts.query or parts.fragment:
+                self._fail("storage_url", "must be s3://bucket or s3://bucket/prefix (a bucket name of 3-63 "
+                                          "lowercase letters, digits, dots and hyphens)")
+        if self.storage_public_url is not None:
+            parts = urlsplit(self.storage_public_url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                self._fail("storage_public_url", "must be an http(s) URL (the bucket's endpoint as clients reach it)")
 
     def _check_relations(self) -> None:
         # A grace not longer than the interval re-arms on every round: the reaper would never reap.
@@ -142,6 +164,10 @@ class Settings:
         # Said at start-up rather than found out when every http input is refused.
         if self.allow_http_inputs and not self.allow_url_inputs:
             self._fail("allow_http_inputs", f"needs {self.env_name('allow_url_inputs')}=1")
+        if self.presign_expires_s > MAX_PRESIGN_EXPIRES_S:
+            self._fail("presign_expires_s", f"must be at most {MAX_PRESIGN_EXPIRES_S} (7 days, SigV4's limit)")
+        if self.storage_public_url is not None and self.storage_url is None:
+            self._fail("storage_public_url", f"needs {self.env_name('storage_url')}=s3://bucket/prefix")
 
     def _show(self, name: str) -> str:
         value = _spell(getattr(self, name))
@@ -158,6 +184,7 @@ POSITIVE = (
     "stale_after_s", "reaper_grace_s", "progress_interval_s", "job_timeout_s", "max_attempts",
     "retention_days", "maintenance_interval_s", "redispatch_after_s", "sse_keepalive_s",
     "sse_max_duration_s", "web_threads", "web_concurrency", "max_upload_bytes",
+    "presign_expires_s", "scratch_max_bytes",
     "tenant_max_slots", "max_running",
 )
 

@@ -151,6 +151,36 @@ def private_ok(app, monkeypatch):
     current = app.extensions["ffworker"]
     monkeypatch.setattr(current, "settings", current.settings.with_overrides(allow_private_urls=True))
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """One real S3 server (SeaweedFS, tests/s3server.py) for the run, started on first use.
+    boto3's AWS_* variables point at it, in this process and the processes tests start."""
+    from tests.s3server import SeaweedS3
+
+    server = SeaweedS3().start()
+    saved = {name: os.environ.get(name) for name in server.environment()}
+    os.environ.update(server.environment())
+    yield server
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    server.close()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A new, empty bucket of this test's own."""
+    return s3_server.new_bucket()
+
+
+@pytest.fixture
+def s3_settings(settings, s3_bucket) -> Settings:
+    """The run's settings with the media store in this test's bucket, under the prefix "media"."""
+    return settings.with_overrides(storage_url=f"s3://{s3_bucket}/media")
+
+
 def _purge_queue(app) -> None:
     celery = app.extensions["celery"]
     try:
