@@ -103,7 +103,7 @@ class Jobs(MethodView):
         except IdempotencyConflict:
             abort(409, message="this Idempotency-Key was already used with a different request body")
         if created:
-            dispatch(row["id"])
+            dispatch(row["id"], submitted=True)
         location = url_for("jobs.Job", job_id=row["id"])
         return _with_waiting([row])[0], 202, {"Location": location}
 

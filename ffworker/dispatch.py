@@ -2,7 +2,8 @@
 
 A publish that fails is not an error for the caller: the job stays queued
 with ``dispatched_at`` unset, and beat's re-dispatch publishes it later. Nor is
-a failure to stamp ``dispatched_at`` after a publish that worked.
+a failure to stamp ``dispatched_at`` after a publish that worked. A submission's
+row counts its first publish already (no write after it unless the publish fails).
 """
 from __future__ import annotations
 
@@ -20,8 +21,11 @@ RUN_JOB = "ffworker.run_job"
 CLOCK_MARGIN_S = 1.0
 
 
-def dispatch(job_id, *, countdown: float | None = None) -> bool:
+def dispatch(job_id, *, countdown: float | None = None, submitted: bool = False) -> bool:
     """Publish a message for ``job_id``; None: a "run next" message, sent when a slot frees.
+
+    ``submitted``: the job was just created, and its row already counts this publish
+    (ffworker.ledger, ``_PUBLISHED_AT_SUBMISSION``): nothing to stamp unless it fails.
 
     A message never pins the job its worker runs: the worker claims the best eligible job
     (ffworker.ledger, ``claim_next``); the id only lets a message that came before its job
@@ -35,8 +39,10 @@ def dispatch(job_id, *, countdown: float | None = None) -> bool:
         )
     except Exception as exc:  # kombu raises several families when the broker is away
         log.warning("job=%s event=publish_failed error=%s", job_id, type(exc).__name__)
+        if submitted:
+            _take_back([job_id])
         return False
-    if job_id is not None:
+    if job_id is not None and not submitted:
         try:
             services().ledger.mark_dispatched(job_id)
         except Exception as exc:
@@ -52,8 +58,9 @@ def dispatch_many(job_ids, *, messages: int) -> None:
 
     A message claims the best eligible job, and a tenant runs at most its slots' worth of
     jobs at once: more messages than its slots would only find the tenant at its limit
-    (its next jobs start from the "run next" message each run end sends). Every job is
-    stamped as published, so the re-dispatcher waits as long as for any published job.
+    (its next jobs start from the "run next" message each run end sends). Every job counts
+    as published from its submission, so the re-dispatcher waits as long as for any
+    published job, unless no message at all got through.
     """
     celery = current_app.extensions["celery"]
     job_ids = list(job_ids)
@@ -65,8 +72,17 @@ def dispatch_many(job_ids, *, messages: int) -> None:
                 sent += 1
     except Exception as exc:  # the rest is left to the re-dispatcher, as for one job
         log.warning("event=publish_failed jobs=%d error=%s", len(job_ids), type(exc).__name__)
-    if sent:
-        services().ledger.mark_dispatched_many(job_ids)
+    if not sent:
+        _take_back(job_ids)
+
+
+def _take_back(job_ids) -> None:
+    """A submission's publish failed: un-count it, so that the re-dispatcher sends the jobs
+    soon. Should that write fail too, they are sent after FFWORKER_REDISPATCH_AFTER_S instead."""
+    try:
+        services().ledger.unpublished(job_ids)
+    except Exception as exc:
+        log.warning("event=unpublished_failed jobs=%d error=%s", len(job_ids), type(exc).__name__)
 
 
 def run_next(count: int = 1) -> None:

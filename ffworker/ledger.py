@@ -93,13 +93,19 @@ _SUBMITTED_COLUMNS = ("id", "tenant_id", "kind", "spec", "workspace", "priority"
                       "timeout_s", "idempotency_key", "request_sha256", "webhook_url", "slots")
 
 
+# A submission counts as its message's first publish: the API publishes right after the commit,
+# and stamping the row then would be one more write per job. A publish that fails takes the
+# stamp back (``unpublished``), and the re-dispatcher treats the job as never published.
+_PUBLISHED_AT_SUBMISSION = {"dispatched_at": func.now(), "dispatch_count": 1}
+
+
 def _submit_statement():
     """Insert a queued job and its ``submitted`` event, in one statement. No NOTIFY: nobody
     can follow a job before its id is returned, and PostgreSQL makes the commits of
     notifying transactions wait for each other (one lock, held until each commit ends)."""
     job = (
         pg_insert(jobs)
-        .values({column: bindparam(column) for column in _SUBMITTED_COLUMNS})
+        .values({**{column: bindparam(column) for column in _SUBMITTED_COLUMNS}, **_PUBLISHED_AT_SUBMISSION})
         .on_conflict_do_nothing(
             index_elements=["tenant_id", "idempotency_key"], index_where=text("idempotency_key IS NOT NULL"),
         )
@@ -128,9 +134,9 @@ _MARK_DISPATCHED = (
 _SUBMIT_MANY = text("""
 WITH job AS (
     INSERT INTO jobs (id, tenant_id, kind, spec, workspace, priority, metadata, max_attempts, timeout_s,
-                      idempotency_key, request_sha256, webhook_url, slots)
+                      idempotency_key, request_sha256, webhook_url, slots, dispatched_at, dispatch_count)
     SELECT v.id, :tenant_id, v.kind, v.spec::jsonb, v.workspace, v.priority, v.metadata::jsonb, v.max_attempts,
-           v.timeout_s, v.idempotency_key, :request_sha256, v.webhook_url, v.slots
+           v.timeout_s, v.idempotency_key, :request_sha256, v.webhook_url, v.slots, now(), 1
       FROM unnest(CAST(:ids AS uuid[]), CAST(:kind AS text[]), CAST(:spec AS text[]), CAST(:workspace AS text[]),
                   CAST(:priority AS integer[]), CAST(:metadata AS text[]), CAST(:max_attempts AS integer[]),
                   CAST(:timeout_s AS integer[]), CAST(:keys AS text[]), CAST(:webhook_url AS text[]),
@@ -652,12 +658,14 @@ class Ledger:
             raise IdempotencyConflict(next(iter(existing.values()))["id"] if existing else None)
         return [existing[key] for key in keys], False
 
-    def mark_dispatched_many(self, job_ids) -> None:
-        """``mark_dispatched`` for a batch, in one statement."""
+    def unpublished(self, job_ids) -> None:
+        """Take back the publish a submission counted (``_PUBLISHED_AT_SUBMISSION``) when its
+        message never reached the broker: the re-dispatcher then sends it soon."""
         with self._autocommit() as conn:
             conn.execute(
-                update(jobs).where(jobs.c.id.in_(list(job_ids)), jobs.c.status == "queued")
-                .values(dispatched_at=func.now(), dispatch_count=jobs.c.dispatch_count + 1)
+                update(jobs).where(jobs.c.id.in_(list(job_ids)), jobs.c.status == "queued",
+                                   jobs.c.dispatch_count == 1)
+                .values(dispatched_at=None, dispatch_count=0)
             )
 
     def why_waiting(self, job_ids) -> dict:

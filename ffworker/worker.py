@@ -21,7 +21,7 @@ from pathlib import Path
 
 from sqlalchemy.exc import DBAPIError
 
-from ffworker import fetch, kinds, media, outputs, paths, process
+from ffworker import fetch, isobmff, kinds, media, outputs, paths, process
 from ffworker.config import Settings
 from ffworker.errors import FencedOut, NotClaimable
 from ffworker.kinds.base import INPUT_FORMATS, Output, Plan, PlanError
@@ -578,7 +578,14 @@ class JobRun:
             raise self.timed_out()
         # A file output probed as inputs are is remembered once placed: a later job that
         # reads it (a thumbnail of a transcode, a merge of them) need not probe it again.
-        before = _identity(described) if not output.is_dir and output.formats == INPUT_FORMATS else None
+        size = outputs.size_bytes(path)
+        plain_file = not output.is_dir and output.formats == INPUT_FORMATS
+        # An MP4/MOV header says all the summary needs, exactly as ffprobe would: no process.
+        if plain_file and described.suffix.lower() in isobmff.SUFFIXES:
+            header = isobmff.probe(described)
+            if header is not None:
+                return media.output_summary(output.described_user_path, header, size)
+        before = _identity(described) if plain_file else None
         try:
             probe = process.ffprobe(str(described), timeout_s=self.remaining_s(), formats=output.formats,
                                     stop=beats.stop if beats else None)
@@ -588,7 +595,6 @@ class JobRun:
                                               f"{output.described_user_path!r}", stderr_tail=exc.stderr_tail) from None
         if before is not None and _identity(described) == before:
             self.described_probes.append((output, before, probe))
-        size = outputs.size_bytes(path)
         return media.output_summary(output.described_user_path, probe, size)
 
     def predecessors_result(self) -> dict | None:

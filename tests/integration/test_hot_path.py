@@ -139,22 +139,26 @@ def test_a_concat_names_the_unreadable_input_when_the_others_are_cached(ledger, 
     assert "input 3 ('broken.mp4')" in row["error_message"]
 
 
-def test_a_placed_output_is_not_probed_again_by_the_next_job(ledger, settings, tenant, make_clip, tmp_path,
-                                                             monkeypatch):
+@pytest.mark.parametrize("output, runs_for_output, runs_for_next_job", [
+    ("out/small.mkv", 1, 0),   # described by ffprobe, whose probe the next job reads from the cache
+    ("out/small.mp4", 0, 1),   # described from its header (ffworker.isobmff): no process at all
+])
+def test_an_output_is_described_once_at_most(ledger, settings, tenant, make_clip, tmp_path, monkeypatch,
+                                             output, runs_for_output, runs_for_next_job):
     make_clip(tenant.media / "in.mp4", seconds=1.0)
     binary, log = counting_wrapper(tmp_path, "ffprobe", keep_stdout=False)
     monkeypatch.setattr(process, "FFPROBE", binary)
     transcoded = run_job(ledger, settings, tenant, "transcode",
-                         {"input": "in.mp4", "output": "out/small.mp4", "video": {"codec": "h264", "height": 120}})
-    assert runs_of(log) == 2  # the input, then the output
+                         {"input": "in.mp4", "output": output, "video": {"codec": "h264", "height": 120}})
+    assert runs_of(log) == 1 + runs_for_output  # the input, then the output if it has to be
 
-    probed = run_job(ledger, settings, tenant, "probe", {"input": "out/small.mp4"})
+    probed = run_job(ledger, settings, tenant, "probe", {"input": output})
 
-    assert runs_of(log) == 2
-    expected = process.ffprobe(str(tenant.media / "out/small.mp4"), formats=INPUT_FORMATS)
+    assert runs_of(log) == 1 + runs_for_output + runs_for_next_job
+    expected = process.ffprobe(str(tenant.media / output), formats=INPUT_FORMATS)
     assert probed["result"]["media"] == media.summarize(expected)
     assert transcoded["result"]["outputs"][0] == media.output_summary(
-        "out/small.mp4", expected, (tenant.media / "out/small.mp4").stat().st_size)
+        output, expected, (tenant.media / output).stat().st_size)
 
 
 def test_a_probe_cache_that_cannot_store_leaves_the_completed_outcome(ledger, settings, tenant, make_clip,

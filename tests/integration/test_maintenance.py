@@ -175,6 +175,7 @@ def test_redispatch_picks_unpublished_and_long_silent_jobs_with_backoff(engine, 
     lost_once = new_job(ledger, tenant)
     published_often = new_job(ledger, tenant)
     not_due = new_job(ledger, tenant)
+    ledger.unpublished([never_published["id"]])  # its submission's publish failed
     backdate(engine, never_published["id"], updated_at=10, run_after=10)
     with engine.begin() as conn:
         conn.execute(text("UPDATE jobs SET dispatch_count = 1, dispatched_at = now() - interval '70 s', "
