@@ -11,7 +11,7 @@ from flask_smorest import Blueprint, abort
 from marshmallow import Schema, ValidationError, fields
 from werkzeug.exceptions import HTTPException
 
-from ffworker import fetch, kinds, paths, sse as live, urlguard
+from ffworker import fetch, kinds, sse as live, storage, urlguard
 from ffworker.config import KIND_SLOTS
 from ffworker.dispatch import dispatch, dispatch_many
 from ffworker.errors import AlreadyTerminal, JobBusy, JobNotFound, NotRetryable
@@ -53,7 +53,7 @@ def _refuse_by_kind(kind_name: str, spec: dict) -> None:
     if refusal:
         abort(422, errors={"kind": [refusal]})
     settings = services().settings
-    errors = kind.check(paths.tenant_root(settings, g.tenant.name), spec, urls=fetch.UrlPolicy.from_settings(settings))
+    errors = kind.check(storage.for_tenant(settings, g.tenant.name), spec, urls=fetch.UrlPolicy.from_settings(settings))
     if errors:
         abort(422, errors=errors)
 

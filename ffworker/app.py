@@ -8,9 +8,9 @@ from flask import Flask, Response, jsonify
 from apispec import BasePlugin
 from flask_smorest import Api
 from sqlalchemy import text
-from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.exceptions import HTTPException, InternalServerError, ServiceUnavailable
 
-from ffworker import __version__, logs  # noqa: F401  (logs: worker lines name their job)
+from ffworker import __version__, logs, storage  # noqa: F401  (logs: worker lines name their job)
 from ffworker.celery_wiring import celery_init_app
 from ffworker.config import Settings
 from ffworker.extensions import init_app, services
@@ -157,6 +157,11 @@ def _register_error_handlers(app: Flask) -> None:
         headers = {name: value for name, value in err.get_headers() if name.lower() != "content-type"}
         headers.update(data.get("headers") or {})
         return jsonify(body), err.code, headers
+
+    @app.errorhandler(storage.Unavailable)
+    def media_store_unavailable(err: storage.Unavailable):
+        # The files API and the submit-time checks alike; the store has logged the cause.
+        return http_error(ServiceUnavailable(description=err.message))
 
     @app.errorhandler(Exception)
     def unexpected(err: Exception):

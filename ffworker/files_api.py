@@ -2,8 +2,10 @@
 
 Names follow exactly the rules job paths follow (``storage.py`` through ``paths.py``),
 so a file uploaded here is an input a job may name and a job's output is a file a
-client may download. Bodies stream in both directions: an upload is read and written
-in 1 MiB chunks (never held in memory), a download is served from the open file with
+client may download. The store is the local directory or the bucket
+(``storage.for_tenant``); this module knows only their common interface. Bodies stream
+in both directions: an upload is read in 1 MiB chunks and written as it comes (never
+held in memory whole), a download is served from the open file or the object with
 Range and conditional requests.
 """
 from __future__ import annotations
@@ -12,7 +14,7 @@ import base64
 import binascii
 
 import marshmallow as ma
-from flask import Response, g, request, send_file
+from flask import Response, g, request
 from flask.views import MethodView
 from flask_smorest import Blueprint, abort
 from werkzeug.exceptions import RequestEntityTooLarge
@@ -49,8 +51,8 @@ class FileListArgsSchema(ma.Schema):
     limit = ma.fields.Integer(load_default=100, validate=ma.validate.Range(min=1, max=MAX_LIST_LIMIT))
 
 
-def _store() -> storage.LocalStore:
-    return storage.LocalStore(paths.tenant_root(services().settings, g.tenant.name))
+def _store() -> storage.LocalStore | storage.S3Store:
+    return storage.for_tenant(services().settings, g.tenant.name)
 
 
 def _checked(file_path: str) -> str:
@@ -133,10 +135,9 @@ class File(MethodView):
         """Download a file (Range, ETag and If-None-Match honoured; HEAD gives the headers)."""
         _checked(file_path)
         try:
-            path = _store().file(file_path)
-        except paths.UnsafePath:
+            return _store().response(file_path, request.environ)
+        except (paths.UnsafePath, FileNotFoundError):
             abort(404, message="file not found")
-        return send_file(path, mimetype="application/octet-stream", conditional=True, etag=True, max_age=0)
 
     @blp.doc(responses={"204": {"description": "Deleted"}, "404": {"description": "No such file"}})
     def delete(self, file_path):

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import re
 import stat
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import Callable
 
 TEMP_MARKER = ".ffwtmp."
 
@@ -64,13 +65,20 @@ def confine(root: Path, user_path: str) -> Path:
     return Path(resolved)
 
 
+def object_name(user_path: str) -> str:
+    """The name ``user_path`` stands for in a store of named objects (a bucket's keys), where
+    nothing can be resolved: the checks of ``confine`` that need no filesystem, and the name
+    with its empty and '.' components dropped, as resolving drops them (UnsafePath)."""
+    _check_raw(user_path)
+    parts = [part for part in user_path.split("/") if part not in ("", ".")]
+    if not parts:
+        raise UnsafePath(f"{_show(user_path)} refers to the media directory itself")
+    return "/".join(parts)
+
+
 def input_path(root: Path, user_path: str) -> Path:
     path = confine(root, user_path)
-    kind = _kind(path, user_path)
-    if kind in (None, "not_a_dir"):
-        raise UnsafePath(f"input {_show(user_path)} does not exist")
-    if kind != "file":
-        raise UnsafePath(f"input {_show(user_path)} is not a regular file")
+    check_input_kind(_kind(path, user_path), user_path)
     return path
 
 
@@ -79,10 +87,34 @@ def output_path(
 ) -> Path:
     path = confine(root, user_path)
     if suffixes is not None:
-        _check_suffix(path, user_path, suffixes)
-    kind = _kind(path, user_path)
+        check_suffix(path, user_path, suffixes)
+    check_output_kind(_kind(path, user_path), user_path, overwrite=overwrite, parent_is_file=_local_file(root))
+    return path
+
+
+def output_dir_path(root: Path, user_path: str, *, overwrite: bool) -> Path:
+    path = confine(root, user_path)
+    check_output_dir_kind(_kind(path, user_path), user_path, overwrite=overwrite, parent_is_file=_local_file(root))
+    return path
+
+
+# What exists at a name decides whether it may be an input or an output; the stores
+# (storage.py) find out what exists their own way and apply these same rules. A kind is
+# 'file', 'dir', 'other', 'not_a_dir' (a directory on the way is a file) or None (nothing).
+
+
+def check_input_kind(kind: str | None, user_path: str) -> None:
+    if kind in (None, "not_a_dir"):
+        raise UnsafePath(f"input {_show(user_path)} does not exist")
+    if kind != "file":
+        raise UnsafePath(f"input {_show(user_path)} is not a regular file")
+
+
+def check_output_kind(kind: str | None, user_path: str, *, overwrite: bool,
+                      parent_is_file: Callable[[str], bool]) -> None:
+    """``parent_is_file(prefix)``: whether the leading components ``prefix`` of the name are a file."""
     if kind == "not_a_dir":
-        raise UnsafePath(_parent_is_a_file(root, user_path))
+        raise UnsafePath(_parent_is_a_file(user_path, parent_is_file))
     if kind == "dir":
         raise UnsafePath(f"output {_show(user_path)} is an existing directory")
     if kind == "other":
@@ -90,22 +122,19 @@ def output_path(
         raise UnsafePath(f"output {_show(user_path)} exists and is not a regular file")
     if kind == "file" and not overwrite:
         raise UnsafePath(f"output {_show(user_path)} already exists; set overwrite to replace it")
-    return path
 
 
-def output_dir_path(root: Path, user_path: str, *, overwrite: bool) -> Path:
-    path = confine(root, user_path)
-    kind = _kind(path, user_path)
+def check_output_dir_kind(kind: str | None, user_path: str, *, overwrite: bool,
+                          parent_is_file: Callable[[str], bool]) -> None:
     if kind == "not_a_dir":
-        raise UnsafePath(_parent_is_a_file(root, user_path))
+        raise UnsafePath(_parent_is_a_file(user_path, parent_is_file))
     if kind in ("file", "other"):
         raise UnsafePath(f"output {_show(user_path)} exists and is not a directory")
     if kind == "dir" and not overwrite:
         raise UnsafePath(f"output {_show(user_path)} already exists; set overwrite to replace it")
-    return path
 
 
-def check_output_name(final: Path, user_path: str) -> None:
+def check_output_name(final: PurePath, user_path: str) -> None:
     """Refuse an output whose in-flight or scratch names would exceed NAME_MAX (UnsafePath).
 
     ``final`` is the confined output path (``output_path``/``output_dir_path``):
@@ -180,7 +209,7 @@ def _check_component(component: str, shown: str) -> None:
         raise UnsafePath(f"{shown} has a component longer than {MAX_COMPONENT_BYTES} bytes")
 
 
-def _check_suffix(path: Path, user_path: str, suffixes: frozenset[str]) -> None:
+def check_suffix(path: PurePath, user_path: str, suffixes: frozenset[str]) -> None:
     allowed = {s.lower() if s.startswith(".") else "." + s.lower() for s in suffixes}
     if path.suffix.lower() not in allowed:
         listed = ", ".join(sorted(allowed))
@@ -205,14 +234,23 @@ def _kind(path: Path, user_path: str) -> str | None:
     return "other"
 
 
-def _parent_is_a_file(root: Path, user_path: str) -> str:
+def _local_file(root: Path) -> Callable[[str], bool]:
+    real_root = os.path.realpath(root)
+
+    def is_file(prefix: str) -> bool:
+        full = os.path.join(real_root, prefix)
+        return os.path.lexists(full) and not os.path.isdir(full)
+
+    return is_file
+
+
+def _parent_is_a_file(user_path: str, is_file: Callable[[str], bool]) -> str:
     """The message for an output below something that is a file: it names the first such
     component of the caller's own path (the run could only fail with ENOTDIR or EEXIST)."""
     parts = [part for part in user_path.split("/") if part not in ("", ".")]
-    real_root = os.path.realpath(root)
     for depth in range(1, len(parts)):
         prefix = "/".join(parts[:depth])
-        if os.path.lexists(os.path.join(real_root, prefix)) and not os.path.isdir(os.path.join(real_root, prefix)):
+        if is_file(prefix):
             return f"output {_show(user_path)}: {_show(prefix)} is a file, not a directory"
     return f"output {_show(user_path)}: a directory on its way is a file"
 

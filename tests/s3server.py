@@ -6,7 +6,10 @@ Started so that nothing leaves the machine and authentication is real:
 - ``-master.telemetry=false`` (on by default it reports to the internet), no Iceberg or
   Lance ports;
 - an ``-s3.config`` identities file: without one the server answers unsigned reads,
-  and a presigned URL would prove nothing.
+  and a presigned URL would prove nothing;
+- room for many buckets: each bucket is a collection of its own, which grows 7 volumes at
+  its first write by default, and 32 volume slots allowed only 4 buckets with data. A
+  ``master.toml`` in its working directory makes a collection grow one volume at a time.
 It takes 3–5 s to become ready (``start`` waits for a bucket round trip) and over 10 s
 to stop on SIGTERM (``stop`` sends SIGTERM, then SIGKILL to the process group). Its gRPC
 unix sockets land in /tmp whatever TMPDIR says; ``stop`` removes those of its ports.
@@ -73,7 +76,7 @@ class SeaweedS3:
             f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}",
             "-master.telemetry=false", "-master.volumeSizeLimitMB=64",
             f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}",
-            "-volume.max=32", "-volume.preStopSeconds=0",
+            "-volume.max=256", "-volume.preStopSeconds=0",
             "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
             f"-filer.localSocket={d / 'filer.sock'}",
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}", f"-s3.localSocket={d / 's3.sock'}",
@@ -83,6 +86,7 @@ class SeaweedS3:
     def start(self) -> "SeaweedS3":
         (self.dir / "data").mkdir()
         (self.dir / "tmp").mkdir()
+        (self.dir / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\n")
         (self.dir / "s3.json").write_text(json.dumps({"identities": [{
             "name": "ffworker",
             "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],

@@ -9,8 +9,9 @@ at submit time, so the API refuses with 422 what the worker would refuse.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Callable, Mapping, Protocol
 
 from marshmallow import Schema
@@ -97,8 +98,36 @@ class RunContext(Protocol):
 
 
 Planner = Callable[[RunContext], Plan]
-# Submit time: (the tenant's media directory, the validated spec) → field → messages. Called
-# with ``urls=`` the server's UrlPolicy (ffworker.fetch): what an input field may hold as a URL.
+
+
+class Media(Protocol):
+    """The tenant's media store as a submit-time check sees it (``storage.LocalStore``,
+    ``storage.S3Store``). Each method applies the job path rules of ``paths.py`` with their
+    messages (raising ``paths.UnsafePath``) to what exists in the store, and returns what
+    identifies the file, to compare inputs with outputs (``contains`` works on it too)."""
+
+    def input_file(self, user_path: str) -> PurePath: ...
+
+    def output_file(self, user_path: str, *, overwrite: bool, suffixes: frozenset[str] | None = None) -> PurePath: ...
+
+    def output_dir(self, user_path: str, *, overwrite: bool) -> PurePath: ...
+
+    def holds_file(self, directory: PurePath, name: str) -> bool | None:
+        """Whether the directory ``output_dir`` returned holds the file ``name``; None: no such directory."""
+
+
+def media_of(media: "Media | Path") -> Media:
+    """A store as is; a directory as the local store of that directory (the tenant's media root)."""
+    if isinstance(media, (str, os.PathLike)):
+        from ffworker import storage  # here: storage imports outputs, which imports this module
+
+        return storage.LocalStore(Path(media))
+    return media
+
+
+# Submit time: (the tenant's media store, or its local directory; the validated spec) → field
+# → messages. Called with ``urls=`` the server's UrlPolicy (ffworker.fetch): what an input
+# field may hold as a URL.
 PathCheck = Callable[..., dict[str, list[str]]]
 
 
@@ -124,7 +153,8 @@ def field_check(inputs: tuple[str, ...] = (),
     output files (with their allowed suffixes). Messages mention only the caller's own paths."""
     outputs = dict(outputs or {})
 
-    def check(root: Path, spec: dict, *, urls: fetch.UrlPolicy = fetch.UrlPolicy()) -> dict[str, list[str]]:
+    def check(root: Media | Path, spec: dict, *, urls: fetch.UrlPolicy = fetch.UrlPolicy()) -> dict[str, list[str]]:
+        media = media_of(root)
         overwrite = spec.get("overwrite", False)
         errors: dict[str, list[str]] = {}
         resolved_inputs = set()
@@ -138,13 +168,12 @@ def field_check(inputs: tuple[str, ...] = (),
                         errors.setdefault(name, []).append(f"{value[:80]!r} {exc}")
                     continue
                 try:
-                    resolved_inputs.add(paths.input_path(root, value))
+                    resolved_inputs.add(media.input_file(value))
                 except paths.UnsafePath as exc:
                     errors.setdefault(name, []).append(exc.message)
         for name, suffixes in outputs.items():
             try:
-                target = paths.output_path(root, spec[name], overwrite=overwrite, suffixes=suffixes)
-                paths.check_output_name(target, spec[name])
+                target = media.output_file(spec[name], overwrite=overwrite, suffixes=suffixes)
             except paths.UnsafePath as exc:
                 errors.setdefault(name, []).append(exc.message)
                 continue

@@ -18,7 +18,9 @@ reads it. What the allow-list admits cannot name a file except through:
 ``parse`` needs no filesystem; ``check`` parses and confines the paths against
 the tenant's directory at submit time; ``plan_job`` repeats both on the worker
 and builds the argv ffmpeg gets. The kind runs only where an operator turned
-it on (``unavailable``), checked by the API at submit and by the worker again.
+it on (``unavailable``), checked by the API at submit and by the worker again, and
+never with object storage (``FFWORKER_STORAGE_URL``): an argv names its files among other
+arguments, which a worker could not fetch to its scratch directory and upload.
 """
 from __future__ import annotations
 
@@ -30,13 +32,15 @@ from typing import Callable
 from marshmallow import fields, validate
 
 from ffworker import paths
-from ffworker.kinds.base import INPUT_FORMATS, Kind, Plan, PlanError, RunContext
+from ffworker.kinds.base import INPUT_FORMATS, Kind, Media, Plan, PlanError, RunContext, media_of
 from ffworker.kinds.request import JobCommonSchema
 
 NAME = "command"
 SETTING = "FFWORKER_ALLOW_RAW_COMMANDS"
 DISABLED_MESSAGE = (f"the command kind (raw ffmpeg arguments) is disabled on this server; "
                     f"an operator enables it with {SETTING}=1")
+OBJECT_STORAGE_MESSAGE = ("the command kind (raw ffmpeg arguments) is not available with object storage "
+                          "(FFWORKER_STORAGE_URL): the files an argv names cannot be fetched and uploaded")
 MAX_ARGS = 500
 MAX_ARG_CHARS = 8192
 
@@ -515,10 +519,12 @@ class CommandRequestSchema(JobCommonSchema):
 
 
 def unavailable(settings) -> str | None:
+    if getattr(settings, "storage_url", None):
+        return OBJECT_STORAGE_MESSAGE
     return None if getattr(settings, "allow_raw_commands", False) else DISABLED_MESSAGE
 
 
-def check(root: Path, spec: dict, **context) -> dict[str, list[str]]:
+def check(root: Media | Path, spec: dict, **context) -> dict[str, list[str]]:
     """Parse the argv and confine every path it names; field → messages (only the caller's own paths).
 
     Raw commands take no URL inputs (``context``'s URL policy is not used): every path is a file."""
@@ -526,19 +532,18 @@ def check(root: Path, spec: dict, **context) -> dict[str, list[str]]:
         command = parse(spec.get("args"))
     except CommandRefused as exc:
         return {"args": [exc.message]}
+    media = media_of(root)
     errors = []
     inputs = set()
     for role in ("input", "attach"):
         for user_path in command.paths(role):
             try:
-                inputs.add(paths.input_path(root, user_path))
+                inputs.add(media.input_file(user_path))
             except paths.UnsafePath as exc:
                 errors.append(exc.message)
     for user_path in command.paths("output"):
         try:
-            target = paths.output_path(root, user_path, overwrite=spec.get("overwrite", False),
-                                       suffixes=OUTPUT_SUFFIXES)
-            paths.check_output_name(target, user_path)
+            target = media.output_file(user_path, overwrite=spec.get("overwrite", False), suffixes=OUTPUT_SUFFIXES)
         except paths.UnsafePath as exc:
             errors.append(exc.message)
             continue
@@ -550,6 +555,8 @@ def check(root: Path, spec: dict, **context) -> dict[str, list[str]]:
 def plan_job(ctx: RunContext) -> Plan:
     if not getattr(ctx.settings, "allow_raw_commands", False):
         raise PlanError("command_disabled", f"raw ffmpeg commands are disabled on this worker ({SETTING} is off)")
+    if getattr(ctx.settings, "storage_url", None):
+        raise PlanError("command_disabled", OBJECT_STORAGE_MESSAGE)
     try:
         command = parse(ctx.spec["args"])
     except CommandRefused as exc:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import math
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from marshmallow import ValidationError, fields, validate, validates_schema
 
 from ffworker import media, paths, process
-from ffworker.kinds.base import Kind, Plan, PlanError, RunContext, field_check, input_args
+from ffworker.kinds.base import Kind, Media, Plan, PlanError, RunContext, field_check, input_args, media_of
 from ffworker.kinds.request import JobCommonSchema, RelativePath, even
 from ffworker.media import display_size, frame_rate, main_stream
 
@@ -58,29 +58,31 @@ def maxrate_kbps(height: int) -> int:
 def replace_problem(final: Path, user_path: str) -> str | None:
     """Why an existing directory must not be replaced, or None."""
     if final.is_dir() and not (final / MASTER).is_file():
-        return (f"output_dir {user_path!r} exists and holds no {MASTER}; overwrite replaces only "
-                "a previous HLS ladder, never another directory")
+        return _not_a_ladder(user_path)
     return None
 
 
-def contains(directory: Path, path: Path) -> bool:
+def _not_a_ladder(user_path: str) -> str:
+    return (f"output_dir {user_path!r} exists and holds no {MASTER}; overwrite replaces only "
+            "a previous HLS ladder, never another directory")
+
+
+def contains(directory: PurePath, path: PurePath) -> bool:
     return os.path.commonpath([directory, path]) == str(directory)
 
 
-def output_dir_problems(root: Path, spec: dict) -> list[str]:
+def output_dir_problems(media: Media, spec: dict) -> list[str]:
     """``output_dir`` confined, absent unless overwrite, replaceable, and not around the input."""
     user_path = spec["output_dir"]
     try:
-        final = paths.output_dir_path(root, user_path, overwrite=spec.get("overwrite", False))
-        paths.check_output_name(final, user_path)
+        final = media.output_dir(user_path, overwrite=spec.get("overwrite", False))
     except paths.UnsafePath as exc:
         return [exc.message]
     problems = []
-    problem = replace_problem(final, user_path)
-    if problem:
-        problems.append(problem)
+    if media.holds_file(final, MASTER) is False:
+        problems.append(_not_a_ladder(user_path))
     try:
-        source = paths.input_path(root, spec["input"])
+        source = media.input_file(spec["input"])
     except (paths.UnsafePath, KeyError):
         source = None  # reported on the input field
     if source is not None and contains(final, source):
@@ -91,10 +93,11 @@ def output_dir_problems(root: Path, spec: dict) -> list[str]:
 _check_input = field_check(inputs=("input",))
 
 
-def check(root: Path, spec: dict, **context) -> dict[str, list[str]]:
+def check(root: Media | Path, spec: dict, **context) -> dict[str, list[str]]:
     """Submit-time path checks of the input and ``output_dir``; field → messages."""
-    errors = _check_input(root, spec, **context)
-    problems = output_dir_problems(root, spec)
+    media = media_of(root)
+    errors = _check_input(media, spec, **context)
+    problems = output_dir_problems(media, spec)
     if problems:
         errors["output_dir"] = problems
     return errors

@@ -1,20 +1,23 @@
-"""Retention: delete old terminal jobs, and temp outputs that killed workers left.
+"""Retention: delete old terminal jobs, and temp outputs and uploads that killed processes left.
 
 Thresholds: terminal jobs finished more than ``FFWORKER_RETENTION_DAYS`` ago go, with
 their events, ``BATCH`` rows per statement and at most ``MAX_BATCHES`` per round; a
 temp output is an orphan once no running attempt owns it and it is older than
-``ORPHAN_MIN_AGE_S``. Runs every ``EVERY_S``.
+``ORPHAN_MIN_AGE_S``. With object storage, an incomplete multipart upload under the
+bucket's prefix is an orphan once it has been idle (initiated, and sent its last part)
+for ``ORPHAN_MIN_AGE_S``. Runs every ``EVERY_S``.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from celery import shared_task
 
-from ffworker import outputs, paths
+from ffworker import outputs, paths, s3
 from ffworker.extensions import services
 from ffworker.ledger import Ledger
 
@@ -36,10 +39,12 @@ def interval_s(settings) -> float:
 def task() -> dict:
     current = services()
     pruned = prune_jobs(current.ledger, current.settings.retention_days)
-    removed = remove_orphaned_temp_files(current.ledger, Path(current.settings.media_root))
-    if pruned or removed:
-        log.info("event=pruned jobs=%d temp_files=%d", pruned, len(removed))
-    return {"jobs": pruned, "temp_files": len(removed)}
+    removed = remove_orphaned_temp_files(current.ledger, Path(current.settings.media_root), ORPHAN_MIN_AGE_S)
+    bucket = s3.bucket(current.settings)
+    aborted = abort_orphaned_uploads(bucket, ORPHAN_MIN_AGE_S) if bucket is not None else []
+    if pruned or removed or aborted:
+        log.info("event=pruned jobs=%d temp_files=%d uploads=%d", pruned, len(removed), len(aborted))
+    return {"jobs": pruned, "temp_files": len(removed), "uploads": len(aborted)}
 
 
 def prune_jobs(ledger: Ledger, retention_days: int) -> int:
@@ -82,3 +87,49 @@ def remove_orphaned_temp_files(ledger: Ledger, media_root: Path, min_age_s: floa
         outputs.remove(path)
         removed.append(path)
     return removed
+
+
+def abort_orphaned_uploads(bucket: s3.Bucket, min_age_s: float = ORPHAN_MIN_AGE_S, client=None) -> list[str]:
+    """Abort the incomplete multipart uploads under the bucket's prefix idle for ``min_age_s``;
+    their keys.
+
+    A web or worker process killed mid-upload leaves one behind: no object, but its parts
+    are stored (and paid for) until someone aborts it. Idle, not old: an upload is judged by
+    its last part, so a long upload still sending parts is never cut; and by the server's
+    clock (its ``Date``), which also stamped the upload, so clock skew plays no part.
+    """
+    client = client if client is not None else s3.client()
+    params = {"Bucket": bucket.name, "Prefix": f"{bucket.prefix}/" if bucket.prefix else ""}
+    aborted = []
+    while True:
+        page = client.list_multipart_uploads(**params)
+        now = _server_time(page)
+        for upload in page.get("Uploads", []):
+            if now - _last_activity(client, bucket.name, upload) < min_age_s:
+                continue
+            try:
+                client.abort_multipart_upload(Bucket=bucket.name, Key=upload["Key"], UploadId=upload["UploadId"])
+            except client.exceptions.NoSuchUpload:
+                continue  # completed or aborted since the listing
+            aborted.append(upload["Key"])
+        if not page.get("IsTruncated"):
+            return aborted
+        params.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
+
+
+def _last_activity(client, bucket_name: str, upload: dict) -> float:
+    """When the upload last moved: its newest part, or its start (epoch seconds)."""
+    latest = upload["Initiated"].timestamp()
+    params = {"Bucket": bucket_name, "Key": upload["Key"], "UploadId": upload["UploadId"]}
+    while True:
+        page = client.list_parts(**params)
+        for part in page.get("Parts", []):
+            latest = max(latest, part["LastModified"].timestamp())
+        if not page.get("IsTruncated"):
+            return latest
+        params["PartNumberMarker"] = page["NextPartNumberMarker"]
+
+
+def _server_time(response: dict) -> float:
+    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    return parsedate_to_datetime(date).timestamp() if date else time.time()

@@ -1,6 +1,7 @@
 """The files API through the real web server (gunicorn as the Procfile starts it): an upload
-whose web process is killed outright leaves no file under its name, and its in-flight file is
-the orphan cleanup's to remove."""
+whose web process is killed outright leaves no file under its name, and what it left (an
+in-flight file, or on object storage an incomplete multipart upload) is the prune duty's to
+remove."""
 from __future__ import annotations
 
 import os
@@ -13,9 +14,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from ffworker import paths
-from ffworker.maintenance.prune import remove_orphaned_temp_files
-from tests.helpers import wait_until
+from ffworker import paths, s3
+from ffworker.maintenance.prune import abort_orphaned_uploads, remove_orphaned_temp_files
+from tests.helpers import environment_of, gunicorn, wait_until
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,3 +63,34 @@ def test_a_web_process_killed_during_an_upload_leaves_no_file(settings, tenant, 
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
+
+
+def test_a_web_process_killed_during_an_upload_to_the_bucket_leaves_no_object(s3_settings, tenant, tmp_path):
+    bucket = s3.bucket(s3_settings)
+    client = s3.client()
+
+    def uploads() -> list[dict]:
+        return client.list_multipart_uploads(Bucket=bucket.name).get("Uploads", [])
+
+    def parts_sent() -> bool:
+        return any(client.list_parts(Bucket=bucket.name, Key=u["Key"], UploadId=u["UploadId"]).get("Parts")
+                   for u in uploads())
+
+    with gunicorn(tmp_path / "gunicorn.log", environment_of(s3_settings)) as (url, proc):
+        port = int(url.rpartition(":")[2])
+        upload = socket.create_connection(("127.0.0.1", port))
+        upload.sendall(
+            f"PUT /v1/files/big/clip.mp4 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tenant.key}\r\n"
+            f"Content-Length: {64 << 20}\r\n\r\n".encode() + b"x" * (s3.PART_BYTES + (1 << 20)))
+        # The first part is in the bucket, in a multipart upload: nothing anyone can read.
+        wait_until(parts_sent)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        upload.close()
+
+    assert client.list_objects_v2(Bucket=bucket.name).get("KeyCount", 0) == 0
+    assert [u["Key"] for u in uploads()] == [bucket.key(tenant.name, "big/clip.mp4")]
+    # Idle for as long as the threshold (0 here): the prune duty aborts it, and its parts go.
+    assert abort_orphaned_uploads(bucket, min_age_s=0) == [bucket.key(tenant.name, "big/clip.mp4")]
+    assert uploads() == []
+

@@ -9,11 +9,11 @@ import time
 import pytest
 from sqlalchemy import text
 
-from ffworker import paths
+from ffworker import paths, s3
 from ffworker.db import get_engine
 from ffworker.ledger import Ledger
 from ffworker.maintenance import prune, reaper, redispatch
-from ffworker.maintenance.prune import remove_orphaned_temp_files
+from ffworker.maintenance.prune import abort_orphaned_uploads, remove_orphaned_temp_files
 
 from tests.integration.test_ledger import backdate, new_job, transitions
 
@@ -236,3 +236,26 @@ def test_orphaned_temp_files_are_removed_unless_a_running_attempt_owns_them(ledg
     assert set(removed) == {stale_attempt, orphan, orphan_dir}
     assert owned.exists() and young.exists()
     assert not orphan.exists() and not orphan_dir.exists()
+
+
+def test_idle_multipart_uploads_under_the_prefix_are_aborted_by_the_prune_duty(app, s3_settings, monkeypatch):
+    """Idle means no part for the threshold (by the bucket's clock): the threshold spares an
+    upload that just sent one, 0 takes it. Uploads outside the bucket's prefix are not ffworker's."""
+    bucket = s3.bucket(s3_settings)
+    client = s3.client()
+    key = bucket.key("acme", "slow.bin")
+    upload_id = client.create_multipart_upload(Bucket=bucket.name, Key=key)["UploadId"]
+    client.upload_part(Bucket=bucket.name, Key=key, UploadId=upload_id, PartNumber=1, Body=b"x" * 1000)
+    outside = client.create_multipart_upload(Bucket=bucket.name, Key="elsewhere/x.bin")["UploadId"]
+    try:
+        assert abort_orphaned_uploads(bucket, min_age_s=prune.ORPHAN_MIN_AGE_S) == []
+        # The duty itself, in object-storage mode, with a threshold of 0.
+        monkeypatch.setattr(prune, "ORPHAN_MIN_AGE_S", 0.0)
+        monkeypatch.setattr(app.extensions["ffworker"], "settings", s3_settings)
+        with app.app_context():
+            assert prune.task()["uploads"] == 1
+        remaining = client.list_multipart_uploads(Bucket=bucket.name)["Uploads"]
+        assert [u["Key"] for u in remaining] == ["elsewhere/x.bin"]
+    finally:
+        client.abort_multipart_upload(Bucket=bucket.name, Key="elsewhere/x.bin", UploadId=outside)
+

@@ -9,6 +9,7 @@ from ffworker.paths import (
     UnsafePath,
     confine,
     input_path,
+    object_name,
     output_dir_path,
     output_path,
     parse_temp_name,
@@ -103,6 +104,18 @@ def test_hostile_paths_are_rejected(root, hostile):
 @pytest.mark.parametrize("hostile", HOSTILE_PATHS, ids=short_id)
 def test_hostile_paths_are_rejected_as_outputs(root, hostile):
     rejection(root, output_path, hostile, overwrite=True)
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_PATHS, ids=short_id)
+def test_hostile_paths_are_rejected_as_object_names(root, hostile):
+    with pytest.raises(UnsafePath):
+        object_name(hostile)
+
+
+def test_an_object_name_is_the_path_as_resolving_it_would_spell_it():
+    assert object_name("in/clip.mp4") == "in/clip.mp4"
+    assert object_name("./in//./clip.mp4") == "in/clip.mp4"
+    assert object_name("out/ladder/") == "out/ladder"
 
 
 @pytest.mark.parametrize("not_a_string", [None, 42, b"clip.mp4", Path("clip.mp4"), ["clip.mp4"]])

@@ -240,6 +240,14 @@ def test_a_worker_without_the_setting_refuses_to_run_a_command(media):
     assert raised.value.code == "command_disabled" and "FFWORKER_ALLOW_RAW_COMMANDS" in str(raised.value)
 
 
+def test_a_worker_on_object_storage_refuses_to_run_a_command(media):
+    run = FakeRun(media, ["-i", "in.mp4", "o.mp4"])
+    run.settings = Settings(allow_raw_commands=True, storage_url="s3://media-bucket/ffworker")
+    with pytest.raises(PlanError) as raised:
+        command.plan_job(run)
+    assert raised.value.code == "command_disabled" and "FFWORKER_STORAGE_URL" in str(raised.value)
+
+
 def test_the_worker_parses_the_argv_again(media):
     with pytest.raises(PlanError) as raised:
         command.plan_job(FakeRun(media, ["-i", "in.mp4", "-vf", "movie=x", "o.mp4"]))

@@ -48,6 +48,11 @@ def test_only_the_command_kind_depends_on_a_setting():
         assert kind.unavailable(on) is None
         assert (kind.unavailable(off) is not None) == (name == "command")
     assert command.SETTING in kinds.get("command").unavailable(off)
+    # With object storage the argv's files could not be fetched or uploaded: never.
+    bucket = Settings(allow_raw_commands=True, storage_url="s3://media-bucket/ffworker")
+    for name, kind in kinds.KINDS.items():
+        assert (kind.unavailable(bucket) is not None) == (name == "command")
+    assert "FFWORKER_STORAGE_URL" in kinds.get("command").unavailable(bucket)
 
 
 def test_field_checks_report_each_field_and_an_output_that_is_an_input(tmp_path: Path):
