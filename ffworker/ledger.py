@@ -944,6 +944,20 @@ class Ledger:
         with self.engine.begin() as conn:
             return conn.execute(delete(jobs).where(jobs.c.id.in_(doomed.scalar_subquery()))).rowcount
 
+    def prune_probes(self, retention_days: int, *, batch: int) -> int:
+        """Delete one batch of probe cache entries stored more than the retention ago: a file
+        deleted or never read again leaves its entry behind, and one still in use is probed
+        once more, which stores it afresh."""
+        doomed = (
+            select(probe_cache.c.tenant_id, probe_cache.c.path)
+            .where(probe_cache.c.probed_at < func.now() - days(retention_days))
+            .limit(batch)
+            .with_for_update(skip_locked=True)
+        )
+        with self.engine.begin() as conn:
+            return conn.execute(delete(probe_cache).where(
+                tuple_(probe_cache.c.tenant_id, probe_cache.c.path).in_(doomed))).rowcount
+
     def running_attempts(self, job_ids) -> set[tuple[str, int]]:
         """(job id, attempt) of the given jobs that are running now."""
         if not job_ids:

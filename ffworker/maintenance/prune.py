@@ -1,7 +1,8 @@
 """Retention: delete old terminal jobs, and temp outputs and uploads that killed processes left.
 
 Thresholds: terminal jobs finished more than ``FFWORKER_RETENTION_DAYS`` ago go, with
-their events, ``BATCH`` rows per statement and at most ``MAX_BATCHES`` per round; a
+their events, ``BATCH`` rows per statement and at most ``MAX_BATCHES`` per round, and so
+do probe cache entries stored more than that long ago; a
 temp output is an orphan once no running attempt owns it and it is older than
 ``ORPHAN_MIN_AGE_S``. With object storage, an incomplete multipart upload under the
 bucket's prefix is an orphan once it has been idle (initiated, and sent its last part)
@@ -48,10 +49,15 @@ def task() -> dict:
 
 
 def prune_jobs(ledger: Ledger, retention_days: int) -> int:
-    """Delete terminal jobs past the retention, batch by batch (short transactions)."""
+    """Delete terminal jobs past the retention, then probe cache entries as old, batch by
+    batch (short transactions)."""
+    return _in_batches(ledger.prune, retention_days) + _in_batches(ledger.prune_probes, retention_days)
+
+
+def _in_batches(delete_batch, retention_days: int) -> int:
     pruned = 0
     for _ in range(MAX_BATCHES):
-        deleted = ledger.prune(retention_days, batch=BATCH)
+        deleted = delete_batch(retention_days, batch=BATCH)
         pruned += deleted
         if deleted == 0:
             break

@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from ffworker import paths, s3
 from ffworker.db import get_engine
-from ffworker.ledger import Ledger
+from ffworker.ledger import Ledger, ProbeKey
 from ffworker.maintenance import prune, reaper, redispatch
 from ffworker.maintenance.prune import abort_orphaned_uploads, remove_orphaned_temp_files
 
@@ -213,6 +213,19 @@ def test_prune_removes_old_terminal_jobs_with_their_events(engine, ledger, tenan
     assert ledger.prune(retention_days=30, batch=prune.BATCH) == 1
     assert ledger.get(old.job["id"]) is None and ledger.events(old.job["id"]) == []
     assert ledger.get(recent.job["id"]) and ledger.get(old_but_running.job["id"])
+
+
+def test_prune_forgets_probe_cache_entries_stored_before_the_retention(engine, ledger, tenant, clean_ledger):
+    def key(path):
+        return ProbeKey(path, 100, 1, 1, 1, "-v error")
+
+    ledger.store_probes(tenant.id, [(key("old.mp4"), {"format": {}}), (key("recent.mp4"), {"format": {}})])
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE probe_cache SET probed_at = now() - interval '31 days' WHERE path = 'old.mp4'"))
+
+    assert prune.prune_jobs(ledger, retention_days=30) == 1
+
+    assert ledger.cached_probes(tenant.id, [key("old.mp4"), key("recent.mp4")]) == [None, {"format": {}}]
 
 
 def test_orphaned_temp_files_are_removed_unless_a_running_attempt_owns_them(ledger, tenant, settings):
