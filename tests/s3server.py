@@ -73,7 +73,7 @@ class SeaweedS3:
             f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}",
             "-master.telemetry=false", "-master.volumeSizeLimitMB=64",
             f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}",
-            "-volume.max=32", "-volume.preStopSeconds=0",
+            "-volume.max=256", "-volume.preStopSeconds=0",
             "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
             f"-filer.localSocket={d / 'filer.sock'}",
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}", f"-s3.localSocket={d / 's3.sock'}",
@@ -83,6 +83,9 @@ class SeaweedS3:
     def start(self) -> "SeaweedS3":
         (self.dir / "data").mkdir()
         (self.dir / "tmp").mkdir()
+        # Read from the working directory. Left alone, every bucket (a collection) takes 7
+        # volumes at its first write, and -volume.max volumes in all allow only four buckets.
+        (self.dir / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\n")
         (self.dir / "s3.json").write_text(json.dumps({"identities": [{
             "name": "ffworker",
             "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
