@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
+from sqlalchemy import text
 
 from ffworker import delivery, process, s3, staging, worker
 from ffworker.kinds.base import Output
@@ -201,7 +202,15 @@ def test_an_existing_output_is_refused_before_anything_is_encoded(ledger, s3_set
     assert objects.get("out.mp4") == b"not ours"
 
 
-def test_a_cancel_during_the_encode_leaves_no_object_and_no_scratch(ledger, s3_settings, tenant, objects, clip_bytes):
+def take_the_job_away(engine, job_id) -> None:
+    """What a reap and another worker's claim do to this run: its fencing token is stale."""
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE jobs SET attempts = attempts + 1 WHERE id = :id"), {"id": job_id})
+
+
+@pytest.mark.parametrize("stop, outcome", [("cancel", "cancelled"), ("fence", "lost")])
+def test_a_run_stopped_during_the_encode_leaves_no_object_and_no_scratch(
+        ledger, engine, s3_settings, tenant, objects, clip_bytes, stop, outcome):
     objects.put("in.mp4", clip_bytes(seconds=10, size="640x360"))
     job = new_job(ledger, tenant, kind="transcode",
                   spec={"input": "in.mp4", "output": "out.mp4", "video": {"codec": "h264", "preset": "slow"}})
@@ -210,10 +219,13 @@ def test_a_cancel_during_the_encode_leaves_no_object_and_no_scratch(ledger, s3_s
     runner.start()
     wait_until(lambda: ffmpeg_processes_touching(f"{job['id']}.1."), 30)
     assert scratch_left(job["id"])
-    ledger.request_cancel(job["id"], tenant.id)
+    if stop == "cancel":
+        ledger.request_cancel(job["id"], tenant.id)
+    else:
+        take_the_job_away(engine, job["id"])
     runner.join(30)
 
-    assert [r.outcome for r in reports] == ["cancelled"]
+    assert [r.outcome for r in reports] == [outcome]
     assert scratch_left(job["id"]) == []
     assert objects.paths() == {"in.mp4"}
 
