@@ -156,7 +156,7 @@ class Stage:
                     target.unlink(missing_ok=True)
                     raise
                 if failed is not None:
-                    raise _failure(failed[1], f"{what} could not be downloaded from the bucket", "input_unavailable")
+                    raise as_failure(failed[1], f"{what} could not be downloaded from the bucket", "input_unavailable")
                 self.objects[relative] = identity
                 self.downloaded_bytes += identity.size
         return paths.input_path(self.root, user_path)
@@ -167,9 +167,9 @@ class Stage:
             return ObjectIdentity.of(s3.client().head_object(Bucket=self.bucket.name, Key=self.key(relative)))
         except ClientError as exc:
             if _code(exc) not in _MISSING_CODES:
-                raise _failure(exc, f"{what} could not be looked up in the bucket", code) from None
+                raise as_failure(exc, f"{what} could not be looked up in the bucket", code) from None
         except BotoCoreError as exc:
-            raise _failure(exc, f"{what} could not be looked up in the bucket", code) from None
+            raise as_failure(exc, f"{what} could not be looked up in the bucket", code) from None
         self._require_bucket(what, code)
         return None
 
@@ -183,9 +183,9 @@ class Stage:
         except ClientError as exc:
             if _code(exc) in _MISSING_CODES | {"NoSuchBucket"}:
                 raise StorageFailed(code, f"{what}: the media bucket does not exist", retryable=False) from None
-            raise _failure(exc, f"{what} could not be looked up in the bucket", code) from None
+            raise as_failure(exc, f"{what} could not be looked up in the bucket", code) from None
         except BotoCoreError as exc:
-            raise _failure(exc, f"{what} could not be looked up in the bucket", code) from None
+            raise as_failure(exc, f"{what} could not be looked up in the bucket", code) from None
         self._bucket_seen = True
 
     def _make_room(self, what: str, size: int) -> None:
@@ -268,13 +268,13 @@ class Stage:
         if isinstance(exc, ClientError) and _code(exc) == "PreconditionFailed":
             raise outputs.OutputExists(f"output {output.user_path!r} appeared while the job ran; "
                                        "set overwrite to replace it")
-        raise _failure(exc, f"output {output.user_path!r} could not be uploaded", "storage_unavailable")
+        raise as_failure(exc, f"output {output.user_path!r} could not be uploaded", "storage_unavailable")
 
     def _has_objects(self, prefix: str, what: str) -> bool:
         try:
             listed = s3.client().list_objects_v2(Bucket=self.bucket.name, Prefix=self.key(prefix), MaxKeys=1)
         except (BotoCoreError, ClientError) as exc:
-            raise _failure(exc, f"{what} could not be looked up in the bucket", "storage_unavailable") from None
+            raise as_failure(exc, f"{what} could not be looked up in the bucket", "storage_unavailable") from None
         return listed.get("KeyCount", 0) > 0
 
     def _remove_stale(self, output: Output, keep: set[str]) -> None:
@@ -285,8 +285,8 @@ class Stage:
             stale = [item["Key"] for page in pages for item in page.get("Contents", []) if item["Key"] not in keep]
             self._delete(stale)
         except (BotoCoreError, ClientError) as exc:
-            raise _failure(exc, f"output {output.user_path!r}: the files of the directory it replaced could "
-                                "not be removed", "storage_unavailable") from None
+            raise as_failure(exc, f"output {output.user_path!r}: the files of the directory it replaced could "
+                                  "not be removed", "storage_unavailable") from None
 
     def _take_back(self, keys: list[str]) -> None:
         """Delete what this upload created; a failure to is logged (the run's own error stands)."""
@@ -382,7 +382,7 @@ def _code(exc: ClientError) -> str:
                .get("HTTPStatusCode") or "")
 
 
-def _failure(exc: Exception, what: str, code: str) -> Exception:
+def as_failure(exc: Exception, what: str, code: str) -> Exception:
     """A failed request as the run's failure, retryable unless retrying cannot change it;
     an error that is not the bucket's (an OSError of the scratch disk) as it is."""
     if isinstance(exc, ClientError):

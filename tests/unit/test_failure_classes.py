@@ -50,7 +50,7 @@ def _answer(code: str) -> ClientError:
 @pytest.mark.parametrize("code", ["AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
                                   "AllAccessDisabled"])
 def test_a_bucket_refusing_the_credentials_or_gone_is_not_retried(code):
-    failure = staging._failure(_answer(code), "output 'a.mp4' could not be uploaded", "storage_unavailable")
+    failure = staging.as_failure(_answer(code), "output 'a.mp4' could not be uploaded", "storage_unavailable")
     assert (failure.code, failure.retryable) == ("storage_unavailable", False)
     assert failure.message == f"output 'a.mp4' could not be uploaded ({code})"
 
@@ -61,10 +61,10 @@ def test_a_bucket_refusing_the_credentials_or_gone_is_not_retried(code):
     ReadTimeoutError(endpoint_url="http://s3"), RetriesExceededError(OSError()), S3DownloadFailedError("etag"),
 ], ids=lambda error: error.response["Error"]["Code"] if isinstance(error, ClientError) else type(error).__name__)
 def test_throttling_server_errors_and_broken_connections_are_retried(error):
-    failure = staging._failure(error, "input 'a.mp4' could not be downloaded", "input_unavailable")
+    failure = staging.as_failure(error, "input 'a.mp4' could not be downloaded", "input_unavailable")
     assert (failure.code, failure.retryable) == ("input_unavailable", True)
 
 
 def test_an_error_of_the_scratch_disk_is_left_to_the_os_error_table():
     disk_full = OSError(errno.ENOSPC, "No space left on device")
-    assert staging._failure(disk_full, "input 'a.mp4' could not be downloaded", "input_unavailable") is disk_full
+    assert staging.as_failure(disk_full, "input 'a.mp4' could not be downloaded", "input_unavailable") is disk_full
