@@ -1,6 +1,7 @@
 """The ``/v1`` REST API: one MethodView per resource."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import uuid
@@ -11,7 +12,7 @@ from flask_smorest import Blueprint, abort
 from marshmallow import Schema, ValidationError, fields
 from werkzeug.exceptions import HTTPException
 
-from ffworker import fetch, kinds, sse as live, storage, urlguard
+from ffworker import fetch, kinds, s3, sse as live, storage, urlguard
 from ffworker.config import KIND_SLOTS
 from ffworker.dispatch import dispatch, dispatch_many
 from ffworker.errors import AlreadyTerminal, JobBusy, JobNotFound, NotRetryable
@@ -84,7 +85,8 @@ class Jobs(MethodView):
             g.tenant.id, limit=limit + 1, before=decode_cursor(cursor) if cursor else None, **args
         )
         next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
-        return {"jobs": [present(row) for row in rows[:limit]], "next_cursor": next_cursor}
+        output_url = _output_urls()
+        return {"jobs": [present(row, output_url) for row in rows[:limit]], "next_cursor": next_cursor}
 
     @blp.arguments(JobRequestSchema)
     @blp.response(202, JobSchema)
@@ -133,7 +135,8 @@ def _with_waiting(rows: list) -> list[dict]:
     """The jobs as the API shows them, with ``waiting`` for those a write left queued."""
     queued = [row["id"] for row in rows if row["status"] == "queued" and "waiting" not in row]
     reasons = services().ledger.why_waiting(queued)
-    return [present({**row, "waiting": reasons.get(row["id"], row.get("waiting"))}) for row in rows]
+    output_url = _output_urls()
+    return [present({**row, "waiting": reasons.get(row["id"], row.get("waiting"))}, output_url) for row in rows]
 
 
 BATCH_MAX = 1000
@@ -198,14 +201,14 @@ class Job(MethodView):
         row = _job_or_404(job_id)
         wait_s = args.get("wait")
         if not wait_s or row["status"] in TERMINAL_STATUSES:
-            return present(row)
+            return present(row, _output_urls())
         state = _events()
         _take_slot(state)
         try:
             row = live.wait_for_end(state.hub, job_id, wait_s) or row
         finally:
             state.slots.release()
-        return present(row)
+        return present(row, _output_urls())
 
     @blp.response(202, JobSchema)
     @blp.alt_response(409, description="The job already ended")
@@ -258,7 +261,10 @@ class JobEvents(MethodView):
         state = _events()
         _take_slot(state)
         try:
-            stream = live.open_stream(state, job_id, request.headers.get("Last-Event-ID"), _job_as_shown)
+            # The stream is read after this view returned, outside its request: the tenant's
+            # URL maker goes with it.
+            shown = functools.partial(_job_as_shown, output_url=_output_urls())
+            stream = live.open_stream(state, job_id, request.headers.get("Last-Event-ID"), shown)
         except BaseException:
             state.slots.release()
             raise
@@ -274,9 +280,14 @@ class JobEvents(MethodView):
         return response
 
 
-def _job_as_shown(row) -> dict:
+def _job_as_shown(row, output_url=None) -> dict:
     """The job exactly as ``GET /v1/jobs/{id}`` shows it."""
-    return JobSchema().dump(present(row))
+    return JobSchema().dump(present(row, output_url))
+
+
+def _output_urls():
+    """With object storage, the calling tenant's download URLs (``schemas.present``); else None."""
+    return s3.output_urls(services().settings, g.tenant.name)
 
 
 def _events() -> live.Events:
@@ -298,7 +309,7 @@ def _cancel(job_id):
         abort(409, message=str(exc))
     except JobBusy as exc:
         abort(503, message=str(exc), headers={"Retry-After": "1"})
-    return present(row)
+    return present(row, _output_urls())
 
 
 # -- retry ----------------------------------------------------------------------

@@ -29,12 +29,12 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from celery import shared_task
 from sqlalchemy import DateTime, Engine, text
 
-from ffworker import urlguard, webhooks
+from ffworker import s3, urlguard, webhooks
 from ffworker.extensions import services
 from ffworker.models import Job
 from ffworker.schemas import JobSchema, present
@@ -62,7 +62,8 @@ def webhooks_queue(settings) -> str:
 @shared_task(name=DELIVER_TASK, ignore_result=True)
 def deliver(delivery_id: str) -> str | None:
     current = services()
-    return send(current.engine, delivery_id, allow_private=current.settings.allow_private_urls)
+    return send(current.engine, delivery_id, allow_private=current.settings.allow_private_urls,
+                settings=current.settings)
 
 
 # The snapshot is the row as JSON: these columns come back as text and are parsed again.
@@ -79,10 +80,11 @@ def job_from_snapshot(snapshot: Mapping[str, Any]) -> dict:
     return row
 
 
-def event_body(delivery: Mapping[str, Any]) -> str:
+def event_body(delivery: Mapping[str, Any], output_url: Callable[[str], str] | None = None) -> str:
     """``{"type", "timestamp", "data"}``: data is the job exactly as ``GET /v1/jobs/{id}`` showed it
-    at the transition (the API's own presenter and schema, applied to the trigger's snapshot)."""
-    data = _JOB_SCHEMA.dump(present(job_from_snapshot(delivery["job_snapshot"])))
+    at the transition (the API's own presenter and schema, applied to the trigger's snapshot),
+    with object storage its outputs' download URLs made for this attempt."""
+    data = _JOB_SCHEMA.dump(present(job_from_snapshot(delivery["job_snapshot"]), output_url))
     body = {"type": delivery["event"], "timestamp": delivery["event_at"].isoformat(), "data": data}
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
 
@@ -119,8 +121,9 @@ _CLAIM = text(f"""
         SELECT id, attempts, current_scheduled FROM claimed
         RETURNING started_at
     )
-    SELECT claimed.*, attempt.started_at, e.url AS endpoint_url
+    SELECT claimed.*, attempt.started_at, e.url AS endpoint_url, t.name AS tenant_name
       FROM claimed CROSS JOIN attempt LEFT JOIN webhook_endpoints e ON e.id = claimed.endpoint_id
+      LEFT JOIN tenants t ON t.id = claimed.tenant_id
 """)
 
 
@@ -135,12 +138,13 @@ def claim(engine: Engine, delivery_id) -> dict | None:
     return claimed
 
 
-def send(engine: Engine, delivery_id, *, allow_private: bool, timeout_s: float = TIMEOUT_S) -> str | None:
+def send(engine: Engine, delivery_id, *, allow_private: bool, timeout_s: float = TIMEOUT_S,
+         settings=None) -> str | None:
     """One attempt of the delivery, if it is due; returns the attempt's result class or None."""
     claimed = claim(engine, delivery_id)
     if claimed is None:
         return None
-    body = event_body(claimed)
+    body = event_body(claimed, s3.output_urls(settings, claimed["tenant_name"]) if settings is not None else None)
     timestamp = int(claimed["started_at"].timestamp())
     headers = {
         "content-type": "application/json",

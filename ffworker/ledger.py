@@ -363,7 +363,8 @@ _HEARTBEAT = _heartbeat_statement()
 
 @dataclass(frozen=True)
 class ProbeKey:
-    """What a cached probe is valid for: a tenant's file as ``stat`` saw it, probed so."""
+    """What a cached probe is valid for: a tenant's file as ``stat`` saw it, probed so (with
+    object storage, its object as a HEAD saw it: ``worker.object_probe_key``)."""
 
     path: str          # relative to the tenant's directory
     size_bytes: int

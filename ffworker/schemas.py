@@ -5,7 +5,7 @@ Pure validation: each kind's request schema comes from the kinds registry
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 from marshmallow import Schema, ValidationError, fields, validate
 
@@ -97,8 +97,13 @@ class JobListArgsSchema(StrictSchema):
     cursor = fields.String(validate=validate.Length(max=200))
 
 
-def present(row: Mapping) -> dict:
-    """The API's view of a ledger row (never the stderr tail or the worker's host)."""
+def present(row: Mapping, output_url: Callable[[str], str] | None = None) -> dict:
+    """The API's view of a ledger row (never the stderr tail or the worker's host).
+
+    ``output_url``: with object storage, a tenant file's download URL by its path
+    (``s3.output_urls``); each output of a completed job then shows one, made now, since a
+    URL stored with the result would expire while the row lives on.
+    """
     progress = None
     if row.get("progress_at") is not None:
         progress = {key: row[f"progress_{key}"] for key in ProgressSchema._declared_fields}
@@ -111,13 +116,22 @@ def present(row: Mapping) -> dict:
             "timeout_s", "created_at", "started_at", "finished_at", "updated_at", "cancel_requested_at",
         )},
         "progress": progress,
-        "result": row["result"] if row["status"] == "completed" else None,
+        "result": with_urls(row["result"], output_url) if row["status"] == "completed" else None,
         "error": error,
         "metadata": row["metadata"],
         "webhook_url": row.get("webhook_url"),
         "slots": row.get("slots", 1),
         "waiting": row.get("waiting") if row["status"] == "queued" else None,
     }
+
+
+def with_urls(result: Mapping | None, output_url: Callable[[str], str] | None) -> Mapping | None:
+    """``result`` with a ``url`` on each of its outputs (the stored result is left as it is)."""
+    if output_url is None or not isinstance(result, Mapping) or not isinstance(result.get("outputs"), list):
+        return result
+    shown = [{**entry, "url": output_url(entry["path"])} if isinstance(entry, Mapping) and "path" in entry else entry
+             for entry in result["outputs"]]
+    return {**result, "outputs": shown}
 
 
 # -- query args of GET /v1/jobs/{id} ------------------------------------------

@@ -4,6 +4,10 @@ The worker decides, the ledger persists. Every write after the claim is fenced
 by the attempt number; the moment one matches no row the run has lost the job
 (reaped, cancelled, re-run elsewhere) and it stops: ffmpeg is killed, its
 temporary output removed, and nothing more is written.
+
+With object storage (``FFWORKER_STORAGE_URL``) a run works in a scratch directory of its
+own instead of the tenant's media directory: ``ffworker.staging`` downloads its inputs and
+uploads its outputs, within the placement step.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from pathlib import Path
 
 from sqlalchemy.exc import DBAPIError
 
-from ffworker import fetch, isobmff, kinds, media, outputs, paths, process
+from ffworker import fetch, isobmff, kinds, media, outputs, paths, process, s3, staging
 from ffworker.config import Settings
 from ffworker.errors import FencedOut, NotClaimable
 from ffworker.kinds.base import INPUT_FORMATS, Output, Plan, PlanError
@@ -131,6 +135,12 @@ def last_error_line(stderr: str) -> str:
 
 
 
+def object_probe_key(relative: str, identity: staging.ObjectIdentity, options: str) -> ProbeKey:
+    """The probe-cache key of an object: its size, Last-Modified and ETag in the columns a local
+    file's stat fills. The ctime -1, which no file has, keeps it from ever equalling a file's."""
+    return ProbeKey(relative, identity.size, identity.mtime_ns, -1, identity.etag_digest, options)
+
+
 @dataclass(frozen=True)
 class RunReport:
     outcome: str                  # skipped, completed, failed, retry, cancelled or lost
@@ -178,7 +188,10 @@ class JobRun:
         self.token = claim.token
         self.ledger = ledger
         self.settings = settings
-        self.root = paths.tenant_root(settings, claim.job["tenant_name"])
+        # With object storage the run works in a scratch directory of its own (``stage_media``)
+        # and never touches the local media root.
+        self.stage: staging.Stage | None = None
+        self.root = None if s3.bucket(settings) else paths.tenant_root(settings, claim.job["tenant_name"])
         self.deadline = time.monotonic() + claim.job["timeout_s"]
         self.outputs: list[Output] = []
         self.scratch_files: list[Path] = []
@@ -233,8 +246,10 @@ class JobRun:
                 # A cancel seen now still leaves nothing behind.
                 with self.phase("checkpoint"):
                     self.checkpoint(placing_outputs=True, placed_result=result)
-                with self.phase("place"), self.heartbeating():  # swapping an HLS ladder removes the old one
+                with self.phase("place"), self.heartbeating() as beats:  # swapping an HLS ladder removes the old one
                     outputs.publish(self.outputs, overwrite=self.overwrite)
+                    if self.stage is not None:
+                        self.upload(beats)
             self.published = True
             with self.phase("complete"):
                 self.final_row = self.with_db_retries(lambda: self.ledger.complete(
@@ -250,6 +265,8 @@ class JobRun:
             return self.stopped("fenced")
         except RunFailure as failure:
             return self.failed(failure)
+        except staging.StorageFailed as exc:
+            return self.failed(RunFailure(exc.code, exc.message, retryable=exc.retryable))
         except outputs.OutputExists as exc:
             return self.failed(RunFailure("output_exists", exc.message))
         except paths.UnsafePath as exc:
@@ -275,6 +292,8 @@ class JobRun:
         kind = kinds.get(self.job["kind"])
         if kind is None:
             raise RunFailure("unsupported_kind", f"this worker cannot run {self.job['kind']!r} jobs")
+        if self.root is None:
+            self.stage_media()
         with self.phase("plan"):
             plan = kind.plan(self)
         self.media_duration_s = plan.duration_s
@@ -297,6 +316,22 @@ class JobRun:
                 described = [self.describe(output, beats=beats) for output in self.outputs]
             result = {"outputs": described, **result}
         return result
+
+    def stage_media(self) -> None:
+        """Object storage: a scratch directory of this attempt's own plays the tenant's media
+        directory (inputs are downloaded into it, outputs uploaded from it)."""
+        self.stage = staging.Stage(self.settings, self.job["tenant_name"], str(self.job_id), self.token)
+        self.root = self.stage.root
+
+    def upload(self, beats: Beats) -> None:
+        """Object storage: the placed outputs into the bucket, before the completion is recorded."""
+        with self.phase("upload"):
+            try:
+                self.stage.upload(self.outputs, overwrite=self.overwrite, stop=beats.stop, deadline=self.deadline)
+            except staging.TransferStopped:
+                if beats.reason is None:
+                    raise self.timed_out() from None
+                # Stopped by a cancel or a lost fence: leaving the heartbeating block raises RunStopped.
 
     def run_ffmpeg(self, plan: Plan) -> None:
         with self.phase("ffmpeg"):
@@ -440,12 +475,26 @@ class JobRun:
     def input(self, user_path: str) -> Path:
         if fetch.is_url(user_path):
             return self.download(user_path)
+        if self.stage is not None:
+            return self.fetch_object(user_path)
         return paths.input_path(self.root, user_path)
+
+    def fetch_object(self, user_path: str) -> Path:
+        """Object storage: the tenant's file, downloaded into this run's scratch root (once)."""
+        with self.phase("fetch"), self.heartbeating() as beats:
+            try:
+                path = self.stage.fetch(user_path, stop=beats.stop, deadline=self.deadline)
+            except staging.TransferStopped:
+                if beats.reason is None:
+                    raise self.timed_out() from None
+                path = None  # stopped by a cancel or a lost fence: leaving the block raises RunStopped
+        return path
 
     def download(self, url: str) -> Path:
         """A URL input, downloaded to this run's scratch directory (removed in ``cleanup``)."""
         if self.scratch_dir is None:
-            self.scratch_dir = fetch.scratch_dir(str(self.job_id), self.token)
+            self.scratch_dir = (self.stage.downloads_dir() if self.stage is not None
+                                else fetch.scratch_dir(str(self.job_id), self.token))
         self.downloads += 1
         with self.heartbeating() as beats:
             try:
@@ -498,6 +547,11 @@ class JobRun:
         return probes
 
     def probe_key(self, path: Path, options: str) -> ProbeKey | None:
+        if self.stage is not None:
+            # A scratch copy's inode and times say nothing of the tenant's file: the object's do.
+            relative = self.stage.relative(path) if path.is_relative_to(self.stage.root) else None
+            identity = self.stage.objects.get(relative) if relative is not None else None
+            return object_probe_key(relative, identity, options) if identity is not None else None
         try:
             st = os.stat(path)
             relative = str(path.relative_to(self.root))
@@ -521,10 +575,21 @@ class JobRun:
         options = " ".join(process.probe_argv(formats=INPUT_FORMATS))
         entries = list(self.probes_to_store)
         for output, identity, probe in self.described_probes:
-            key = self.probe_key(output.final, options)
-            if key is not None and (key.size_bytes, key.mtime_ns, key.inode) == identity:
+            key = self.placed_probe_key(output, identity, options)
+            if key is not None:
                 entries.append((key, probe))
         self.store_probes(entries)
+
+    def placed_probe_key(self, output: Output, identity: tuple[int, int, int], options: str) -> ProbeKey | None:
+        """The probe-cache key of an output as placed, if it is still the file that was described."""
+        if self.stage is None:
+            key = self.probe_key(output.final, options)
+            return key if key is not None and (key.size_bytes, key.mtime_ns, key.inode) == identity else None
+        # Object storage: the uploaded object's identity, which only a HEAD tells (its upload
+        # answered with an ETag, not a Last-Modified).
+        relative = self.stage.relative(output.final)
+        uploaded = self.stage.stat(relative, f"output {output.user_path!r}", code="storage_unavailable")
+        return object_probe_key(relative, uploaded, options) if uploaded and uploaded.size == identity[0] else None
 
     def store_probes(self, entries: list) -> None:
         try:
@@ -536,20 +601,28 @@ class JobRun:
         final = paths.output_path(self.root, user_path, overwrite=self.overwrite, suffixes=suffixes)
         if any(output.final == final for output in self.outputs):
             raise RunFailure("invalid_request", f"output {user_path!r} is named twice")
+        output = Output(user_path, final, self.temp_name(final))
+        self.check_in_bucket(output)
         final.parent.mkdir(parents=True, exist_ok=True)
         self.sweep_predecessors(final.parent)
-        output = Output(user_path, final, self.temp_name(final))
         self.outputs.append(output)
         return output
 
     def output_dir(self, user_path: str, *, entry: str, formats: str) -> Output:
         final = paths.output_dir_path(self.root, user_path, overwrite=self.overwrite)
+        output = Output(user_path, final, self.temp_name(final), is_dir=True, entry=entry, formats=formats)
+        self.check_in_bucket(output)
         final.parent.mkdir(parents=True, exist_ok=True)
         self.sweep_predecessors(final.parent)
-        output = Output(user_path, final, self.temp_name(final), is_dir=True, entry=entry, formats=formats)
         self.outputs.append(output)
         output.temp.mkdir()
         return output
+
+    def check_in_bucket(self, output: Output) -> None:
+        """Object storage: the target's checks against the bucket, before anything is encoded
+        (the scratch root only shows that the name is well-formed)."""
+        if self.stage is not None:
+            self.stage.check_output(output, overwrite=self.overwrite, own=self.replaces_own_outputs)
 
     def scratch(self, beside: Path, suffix: str) -> Path:
         if len(os.fsencode(suffix)) > paths.SCRATCH_SUFFIX_MAX_BYTES:
@@ -601,6 +674,11 @@ class JobRun:
         """The result an earlier attempt recorded as it placed its outputs, if every one of
         those outputs is still in place and intact (same size, readable, same description):
         then the encode finished and only its completion was lost, and it is not run again."""
+        if self.stage is not None:
+            # Object storage: the earlier attempt's outputs are objects, not files in this run's
+            # scratch directory. Encoding again (and replacing them, they are the job's own) is
+            # simpler to get right than downloading and describing each of them.
+            return None
         placed_by, stored = self.job.get("outputs_placed_attempt"), self.job.get("result")
         if placed_by is None or placed_by >= self.token or not self.outputs or not isinstance(stored, dict):
             return None
@@ -640,6 +718,8 @@ class JobRun:
             self.quietly("remove_scratch", lambda: outputs.remove(path))
         if self.scratch_dir is not None:
             self.quietly("remove_downloads", lambda: outputs.remove(self.scratch_dir))
+        if self.stage is not None:
+            self.quietly("remove_stage", self.stage.remove)
 
     def sweep_predecessors(self, directory: Path) -> None:
         """Remove what earlier attempts of this job left beside our outputs (a killed

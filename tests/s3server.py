@@ -86,6 +86,8 @@ class SeaweedS3:
     def start(self) -> "SeaweedS3":
         (self.dir / "data").mkdir()
         (self.dir / "tmp").mkdir()
+        # Read from the working directory. Left alone, every bucket (a collection) takes 7
+        # volumes at its first write, and -volume.max volumes in all allow only four buckets.
         (self.dir / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\n")
         (self.dir / "s3.json").write_text(json.dumps({"identities": [{
             "name": "ffworker",
