@@ -137,5 +137,7 @@ def _last_activity(client, bucket_name: str, upload: dict) -> float:
 
 
 def _server_time(response: dict) -> float:
+    """The server's now, rounded up: ``Date`` counts whole seconds while parts are stamped
+    finer, so the true time lies within the second after it."""
     date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-    return parsedate_to_datetime(date).timestamp() if date else time.time()
+    return parsedate_to_datetime(date).timestamp() + 1.0 if date else time.time()
