@@ -14,12 +14,10 @@ import requests
 
 from ffworker import process, worker
 from ffworker.dispatch import dispatch
-from ffworker.maintenance import reaper
 from tests.conftest import WorkerProcess
 from tests.helpers import gunicorn, wait_until
 from tests.integration.test_jobs_on_s3 import TenantObjects, scratch_left
-from tests.integration.test_ledger import backdate
-from tests.integration.test_maintenance import reaper_running  # noqa: F401 (fixture)
+from tests.integration.test_maintenance import reaper_running, requeue_dead_run  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.e2e
 
@@ -112,9 +110,7 @@ def test_a_worker_killed_during_the_output_upload_leaves_no_object_and_the_retry
     assert objects.paths() == {"raw.mkv"}
     row = ledger.get(job["id"])
     assert (row["status"], row["outputs_placed_attempt"]) == ("running", 1)
-    backdate(engine, job["id"], heartbeat_at=settings.stale_after_s + 1)
-    reaper.reap(ledger, stale_after_s=settings.stale_after_s, grace_s=settings.reaper_grace_s)
-    backdate(engine, job["id"], run_after=1)  # skip the retry backoff
+    requeue_dead_run(engine, ledger, settings, job["id"])
 
     report = worker.run(job["id"], ledger, s3_settings)
 

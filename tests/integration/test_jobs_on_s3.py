@@ -19,7 +19,7 @@ from sqlalchemy import text
 from ffworker import delivery, process, s3, staging, worker
 from ffworker.kinds.base import Output
 from ffworker.outputs import OutputExists
-from tests.helpers import ffmpeg_processes_touching, wait_until
+from tests.helpers import ffmpeg_processes_touching, make_celery_current, wait_until
 from tests.integration.test_hot_path import counting_wrapper, runs_of
 from tests.integration.test_ledger import new_job
 from tests.integration.test_webhooks import add_endpoint, deliveries
@@ -279,7 +279,9 @@ def test_a_stopped_upload_writes_nothing(s3_settings, tenant, objects):
 
 
 @pytest.fixture
-def s3_app(s3_settings):
+def s3_app(app, s3_settings):
+    """Apps of the test's own in object-storage mode; afterwards the session's app is Celery's
+    current one again (a task run in a later test must not find this test's settings)."""
     from ffworker.app import create_app
 
     apps = []
@@ -290,8 +292,9 @@ def s3_app(s3_settings):
         return app.test_client()
 
     yield make
-    for app in apps:
-        app.extensions["ffworker_events"].hub.close()
+    for own in apps:
+        own.extensions["ffworker_events"].hub.close()
+    make_celery_current(app)
 
 
 def test_a_completed_jobs_outputs_have_fresh_presigned_urls(

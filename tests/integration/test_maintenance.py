@@ -33,6 +33,14 @@ def reaper_running(engine, clean_ledger):
         conn.execute(text("INSERT INTO maintenance_state (name, last_run_at, last_armed_at) VALUES ('reaper', now(), now())"))
 
 
+def requeue_dead_run(engine, ledger, settings, job_id) -> None:
+    """What happens to a run whose worker died: its heartbeat ages past the stale threshold, the
+    reaper (``reaper_running``) puts the job back in the queue, and its retry is due now."""
+    backdate(engine, job_id, heartbeat_at=settings.stale_after_s + 1)
+    reaper.reap(ledger, stale_after_s=settings.stale_after_s, grace_s=settings.reaper_grace_s)
+    backdate(engine, job_id, run_after=1)  # skip the retry backoff
+
+
 def running_job(ledger, tenant, **overrides):
     job = new_job(ledger, tenant, **overrides)
     return ledger.claim(job["id"], "w-lost")

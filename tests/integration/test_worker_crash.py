@@ -8,9 +8,8 @@ import pytest
 
 from ffworker import process, worker
 from ffworker.ledger import Ledger
-from ffworker.maintenance import reaper
-from tests.integration.test_ledger import backdate, new_job, transitions
-from tests.integration.test_maintenance import reaper_running  # noqa: F401 (fixture)
+from tests.integration.test_ledger import new_job, transitions
+from tests.integration.test_maintenance import reaper_running, requeue_dead_run  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -38,9 +37,7 @@ def test_a_retry_replaces_the_outputs_its_dead_predecessor_placed(
     row = ledger.get(job["id"])
     assert (row["status"], row["outputs_placed_attempt"]) == ("running", 1)
 
-    backdate(engine, job["id"], heartbeat_at=settings.stale_after_s + 1)
-    reaper.reap(ledger, stale_after_s=settings.stale_after_s, grace_s=settings.reaper_grace_s)
-    backdate(engine, job["id"], run_after=1)  # skip the retry backoff
+    requeue_dead_run(engine, ledger, settings, job["id"])
     report = worker.run(job["id"], ledger, settings)
 
     assert report.outcome == "completed", report.row and report.row["error_message"]
