@@ -3,9 +3,12 @@ streaming uploads, downloads, listing; and what only the bucket has (conditional
 race, keys that are no job path, the bucket failing)."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
+import resource
+import signal
 import threading
 import tracemalloc
 from contextlib import contextmanager
@@ -222,6 +225,31 @@ def test_a_broken_upload_leaves_nothing(files):
     assert response.status_code == 400
     assert files.stored("broken.bin") is None
     assert files.leftovers() == []
+
+
+@contextmanager
+def file_size_limit(limit_bytes: int):
+    """Writes past ``limit_bytes`` fail with EFBIG in this process (as a full disk fails them)."""
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error, not a killed process
+    previous = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, previous[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous)
+        signal.signal(signal.SIGXFSZ, previous_handler)
+
+
+def test_a_write_that_fails_mid_upload_fails_the_upload_and_leaves_nothing(tenant, tmp_path):
+    # The file is written on a thread of its own while the next chunks are read: its error
+    # must still reach the upload, which leaves neither the file nor its in-flight name.
+    store = storage.LocalStore(tmp_path / "media")
+    body = io.BytesIO(os.urandom(12 * storage.CHUNK_BYTES))
+    with file_size_limit(3 * storage.CHUNK_BYTES + 100), pytest.raises(OSError) as failed:
+        store.put("big.bin", body, max_bytes=1 << 30)
+    assert failed.value.errno == errno.EFBIG
+    assert list((tmp_path / "media").iterdir()) == []
+    assert "upload-writer" not in {thread.name for thread in threading.enumerate()}
 
 
 def test_the_upload_limit_answers_413_and_leaves_nothing(make_files):
