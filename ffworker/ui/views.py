@@ -281,14 +281,20 @@ BULK = {
 }
 
 
+def _bulk_request(source) -> tuple[str, dict, dict]:
+    """(action, ledger filters, parameters as given) of a bulk request; FilterError for a bad one."""
+    action = source.get("action", "")
+    if action not in BULK:
+        raise FilterError("action: cancel or retry")
+    filters, given = _filters(source)
+    return action, filters, given
+
+
 @bp.get("/jobs/bulk")
 @signed_in
 def bulk_confirm():
-    action = request.args.get("action", "")
-    if action not in BULK:
-        return _page("ui/error.html", 400, title="Bad request", message="action: cancel or retry")
     try:
-        filters, given = _filters(request.args)
+        action, filters, given = _bulk_request(request.args)
     except FilterError as exc:
         return _page("ui/error.html", 400, title="Bad request", message=str(exc))
     engine = services().engine
@@ -302,11 +308,8 @@ def bulk_confirm():
 @bp.post("/jobs/bulk")
 @signed_in
 def bulk_act():
-    action = request.form.get("action", "")
-    if action not in BULK:
-        return _page("ui/error.html", 400, title="Bad request", message="action: cancel or retry")
     try:
-        filters, given = _filters(request.form)
+        action, filters, given = _bulk_request(request.form)
         as_of = _parse_time(request.form.get("as_of", ""), "as_of")
     except FilterError as exc:
         return _page("ui/error.html", 400, title="Bad request", message=str(exc))
