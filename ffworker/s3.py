@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import boto3
 import botocore.session
 from botocore.config import Config
+from botocore.exceptions import ClientError
 from botocore.loaders import create_loader
 
 # Multipart uploads: parts of this size (S3's minimum part is 5 MiB, its maximum count
@@ -28,6 +29,18 @@ _CLIENT_CONFIG = Config(
     read_timeout=60,
     signature_version="s3v4",
 )
+
+
+# What an S3 error code says, for every module that asks the bucket something. A HEAD's error
+# has no body: its code is then its HTTP status.
+NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+REFUSED_CODES = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"})
+
+
+def error_code(exc: ClientError) -> str:
+    """The S3 error code of a failed request (its HTTP status when the answer had no code)."""
+    return str(exc.response.get("Error", {}).get("Code") or exc.response.get("ResponseMetadata", {})
+               .get("HTTPStatusCode") or "")
 
 
 @dataclass(frozen=True)

@@ -50,11 +50,7 @@ _TRANSFER_CONFIG = TransferConfig(multipart_threshold=s3.PART_BYTES, multipart_c
 # Answers no retry changes: the credentials, the permissions or the bucket are wrong, and an
 # operator must act. Any other failure (throttling, 5xx, a broken connection, an unknown
 # code) counts as transient: a wrong guess costs at most max_attempts runs.
-PERMANENT_CODES = frozenset({
-    "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-    "NoSuchBucket", "InvalidBucketName", "AccountProblem",
-})
-_MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+PERMANENT_CODES = s3.REFUSED_CODES | {"AllAccessDisabled", "NoSuchBucket", "InvalidBucketName", "AccountProblem"}
 # What a browser or a player fetching a presigned URL is told it gets.
 CONTENT_TYPES = {
     ".m3u8": "application/vnd.apple.mpegurl", ".ts": "video/mp2t", ".mp4": "video/mp4",
@@ -166,7 +162,7 @@ class Stage:
         try:
             return ObjectIdentity.of(s3.client().head_object(Bucket=self.bucket.name, Key=self.key(relative)))
         except ClientError as exc:
-            if _code(exc) not in _MISSING_CODES:
+            if s3.error_code(exc) not in s3.NOT_FOUND_CODES:
                 raise as_failure(exc, f"{what} could not be looked up in the bucket", code) from None
         except BotoCoreError as exc:
             raise as_failure(exc, f"{what} could not be looked up in the bucket", code) from None
@@ -181,7 +177,7 @@ class Stage:
         try:
             s3.client().head_bucket(Bucket=self.bucket.name)
         except ClientError as exc:
-            if _code(exc) in _MISSING_CODES | {"NoSuchBucket"}:
+            if s3.error_code(exc) in s3.NOT_FOUND_CODES | {"NoSuchBucket"}:
                 raise StorageFailed(code, f"{what}: the media bucket does not exist", retryable=False) from None
             raise as_failure(exc, f"{what} could not be looked up in the bucket", code) from None
         except BotoCoreError as exc:
@@ -265,7 +261,7 @@ class Stage:
             return
         index, exc = failed
         output = batch[index][0]
-        if isinstance(exc, ClientError) and _code(exc) == "PreconditionFailed":
+        if isinstance(exc, ClientError) and s3.error_code(exc) == "PreconditionFailed":
             raise outputs.OutputExists(f"output {output.user_path!r} appeared while the job ran; "
                                        "set overwrite to replace it")
         raise as_failure(exc, f"output {output.user_path!r} could not be uploaded", "storage_unavailable")
@@ -377,16 +373,11 @@ def _is_entry(output: Output, path: Path) -> bool:
     return output.is_dir and output.entry is not None and path == output.final / output.entry
 
 
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code") or exc.response.get("ResponseMetadata", {})
-               .get("HTTPStatusCode") or "")
-
-
 def as_failure(exc: Exception, what: str, code: str) -> Exception:
     """A failed request as the run's failure, retryable unless retrying cannot change it;
     an error that is not the bucket's (an OSError of the scratch disk) as it is."""
     if isinstance(exc, ClientError):
-        name = _code(exc)
+        name = s3.error_code(exc)
         return StorageFailed(code, f"{what} ({name})", retryable=name not in PERMANENT_CODES)
     if isinstance(exc, S3DownloadFailedError):
         return StorageFailed(code, f"{what} (it changed while being downloaded)", retryable=True)

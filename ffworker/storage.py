@@ -242,7 +242,6 @@ class LocalStore:
 # is the operator's business, not the tenant's).
 _DOWN = "the media store is unavailable (object storage did not answer); try again later"
 _REFUSED = "the media store is unavailable (object storage refused this server's credentials)"
-_NOT_FOUND = ("404", "NoSuchKey", "NotFound")
 MAX_KEY_BYTES = 1024   # S3's limit on a key, the bucket's prefix and the tenant's included
 
 
@@ -305,7 +304,7 @@ class S3Store:
         try:
             self._write(self.base + name, body, upload, condition={} if replace else {"IfNoneMatch": "*"})
         except ClientError as exc:
-            if _code(exc) == "PreconditionFailed":
+            if s3.error_code(exc) == "PreconditionFailed":
                 raise Exists(user_path) from None
             raise
         return Stored(path=user_path, size=upload.size, sha256=upload.digest.hexdigest())
@@ -447,7 +446,7 @@ class S3Store:
         try:
             return self._call("head_object", Key=self.base + name)
         except ClientError as exc:
-            if _code(exc) in _NOT_FOUND:
+            if s3.error_code(exc) in s3.NOT_FOUND_CODES:
                 return None
             raise
 
@@ -473,11 +472,11 @@ class S3Store:
             return getattr(self.client, operation)(Bucket=self.bucket.name, **params)
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-            if status == 403 or _code(exc) in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"):
+            if status == 403 or s3.error_code(exc) in s3.REFUSED_CODES:
                 log.error("event=object_storage_refused operation=%s bucket=%s error=%s",
                           operation, self.bucket.name, exc)
                 raise Unavailable(_REFUSED) from None
-            if status >= 500 or _code(exc) == "NoSuchBucket":
+            if status >= 500 or s3.error_code(exc) == "NoSuchBucket":
                 log.error("event=object_storage_unavailable operation=%s bucket=%s error=%s",
                           operation, self.bucket.name, exc)
                 raise Unavailable(_DOWN) from None
@@ -540,10 +539,6 @@ class _ObjectReader(io.RawIOBase):
     def close(self) -> None:
         self._close_body()
         super().close()
-
-
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 def _is_object_name(name: str) -> bool:
