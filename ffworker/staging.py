@@ -59,6 +59,7 @@ CONTENT_TYPES = {
     ".png": "image/png", ".webp": "image/webp",
 }
 _DELETE_BATCH = 1000  # DeleteObjects takes at most this many keys
+RUN_METADATA = "ffworker-run"  # x-amz-meta-ffworker-run: the job and attempt that wrote an object
 
 
 class StorageFailed(Exception):
@@ -104,6 +105,8 @@ class Stage:
     def __init__(self, settings, tenant: str, job_id: str, attempt: int) -> None:
         self.bucket = s3.bucket(settings)
         self.tenant = tenant
+        # Marks the objects this run writes (``RUN_METADATA``), so that it can tell them apart.
+        self.run = f"{job_id}.{attempt}"
         self.max_file_bytes = settings.max_upload_bytes
         self.max_run_bytes = settings.scratch_max_bytes
         self.dir = fetch.scratch_dir(job_id, attempt)
@@ -221,6 +224,7 @@ class Stage:
         remove what the directories held before and no longer do. Without overwrite nothing is
         replaced, and a failure or a stop deletes what this upload wrote."""
         written: list[str] = []
+        attempted: list[str] = []
         try:
             if not overwrite:
                 for output in placed:
@@ -234,24 +238,26 @@ class Stage:
             client = s3.client() if overwrite else s3.no_replace_client()
             with TransferManager(client, _TRANSFER_CONFIG) as manager:
                 for batch in (others, entries):
-                    self._upload_batch(manager, batch, written, stop, deadline)
+                    self._upload_batch(manager, batch, written, attempted, stop, deadline)
             if overwrite:
                 for output in placed:
                     if output.is_dir:
                         self._remove_stale(output, {self.key(self.relative(path)) for path in _files_of(output)})
         except BaseException:
             if not overwrite:
-                self._take_back(written)
+                self._take_back(written, attempted)
             raise
 
-    def _upload_batch(self, manager, batch, written: list[str], stop, deadline) -> None:
+    def _upload_batch(self, manager, batch, written: list[str], attempted: list[str], stop, deadline) -> None:
         if not batch:
             return
         keys = [self.key(self.relative(path)) for _, path in batch]
+        attempted.extend(keys)
         settled = _Settled()
         futures = [manager.upload(str(path), self.bucket.name, key, subscribers=[settled],
                                   extra_args={"ContentType": CONTENT_TYPES.get(path.suffix.lower(),
-                                                                               "application/octet-stream")})
+                                                                               "application/octet-stream"),
+                                              "Metadata": {RUN_METADATA: self.run}})
                    for (_, path), key in zip(batch, keys)]
         try:
             failed = settled.wait(futures, stop, deadline)
@@ -284,12 +290,28 @@ class Stage:
             raise as_failure(exc, f"output {output.user_path!r}: the files of the directory it replaced could "
                                   "not be removed", "storage_unavailable") from None
 
-    def _take_back(self, keys: list[str]) -> None:
-        """Delete what this upload created; a failure to is logged (the run's own error stands)."""
+    def _take_back(self, written: list[str], attempted: list[str]) -> None:
+        """Delete what this upload created; a failure to is logged (the run's own error stands).
+
+        A transfer cancelled while its request was in flight reports itself cancelled, yet the
+        bucket may have taken the object: each such key is deleted when the object there
+        carries this run's mark (the write was conditional, so a marked object is this run's,
+        and an unmarked one, such as the object that made the upload fail, is someone else's).
+        """
         try:
-            self._delete(keys)
+            unsure = [key for key in attempted if key not in written]
+            self._delete(written + [key for key in unsure if self._written_by_this_run(key)])
         except (BotoCoreError, ClientError) as exc:
-            log.warning("event=take_back_failed keys=%d error=%s", len(keys), type(exc).__name__)
+            log.warning("event=take_back_failed keys=%d error=%s", len(attempted), type(exc).__name__)
+
+    def _written_by_this_run(self, key: str) -> bool:
+        try:
+            head = s3.client().head_object(Bucket=self.bucket.name, Key=key)
+        except ClientError as exc:
+            if s3.error_code(exc) in s3.NOT_FOUND_CODES:
+                return False
+            raise
+        return head.get("Metadata", {}).get(RUN_METADATA) == self.run
 
     def _delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), _DELETE_BATCH):
