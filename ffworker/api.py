@@ -16,7 +16,7 @@ from ffworker import fetch, kinds, s3, sse as live, storage, urlguard
 from ffworker.config import KIND_SLOTS
 from ffworker.dispatch import dispatch, dispatch_many
 from ffworker.errors import AlreadyTerminal, JobBusy, JobNotFound, NotRetryable
-from ffworker.api_support import decode_cursor, encode_cursor, require_tenant
+from ffworker.api_support import newest_first_page, require_tenant
 from ffworker.extensions import services
 from ffworker.ledger import IdempotencyConflict
 from ffworker.models import TERMINAL_STATUSES
@@ -79,14 +79,9 @@ class Jobs(MethodView):
     @blp.response(200, JobListSchema)
     def get(self, args):
         """List the tenant's jobs, newest first."""
-        limit = args.pop("limit")
-        cursor = args.pop("cursor", None)
-        rows = services().ledger.list(
-            g.tenant.id, limit=limit + 1, before=decode_cursor(cursor) if cursor else None, **args
-        )
-        next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+        rows, next_cursor = newest_first_page(args, functools.partial(services().ledger.list, g.tenant.id))
         output_url = _output_urls()
-        return {"jobs": [present(row, output_url) for row in rows[:limit]], "next_cursor": next_cursor}
+        return {"jobs": [present(row, output_url) for row in rows], "next_cursor": next_cursor}
 
     @blp.arguments(JobRequestSchema)
     @blp.response(202, JobSchema)

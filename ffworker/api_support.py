@@ -41,3 +41,17 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         return datetime.fromisoformat(created_at), uuid.UUID(row_id)
     except (ValueError, TypeError, AttributeError):
         abort(422, message="invalid cursor", errors={"cursor": ["not a cursor this API returned"]})
+
+
+def newest_first_page(args: dict, fetch) -> tuple[list, str | None]:
+    """One page of a newest-first listing and the cursor of the next (None on the last page).
+
+    ``args`` are the listing's query arguments: ``limit``, an optional ``cursor``, and filters
+    handed on to ``fetch(limit=, before=, **filters)``, which is asked for one row more than
+    the page holds: that row says whether a next page exists.
+    """
+    args = dict(args)
+    limit = args.pop("limit")
+    cursor = args.pop("cursor", None)
+    rows = fetch(limit=limit + 1, before=decode_cursor(cursor) if cursor else None, **args)
+    return rows[:limit], (encode_cursor(rows[limit - 1]) if len(rows) > limit else None)

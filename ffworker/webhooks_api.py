@@ -1,13 +1,15 @@
 """The ``/v1/webhooks`` REST API: endpoints, the signing secret, the delivery log and replay."""
 from __future__ import annotations
 
+from functools import partial
+
 from flask import current_app, g
 from flask.views import MethodView
 from flask_smorest import Blueprint, abort
 from marshmallow import Schema, fields, validate
 
 from ffworker import urlguard, webhooks
-from ffworker.api_support import decode_cursor, encode_cursor, require_tenant
+from ffworker.api_support import newest_first_page, require_tenant
 from ffworker.delivery import DELIVER_TASK, webhooks_queue
 from ffworker.extensions import services
 from ffworker.models import DELIVERY_STATUSES, WEBHOOK_EVENTS
@@ -204,12 +206,9 @@ class Deliveries(MethodView):
     @blp.response(200, DeliveryListSchema)
     def get(self, args):
         """The delivery log, newest first, with every attempt."""
-        limit = args.pop("limit")
-        cursor = args.pop("cursor", None)
-        rows = webhooks.list_deliveries(services().engine, g.tenant.id, limit=limit + 1,
-                                        before=decode_cursor(cursor) if cursor else None, **args)
-        next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
-        return {"deliveries": rows[:limit], "next_cursor": next_cursor}
+        rows, next_cursor = newest_first_page(
+            args, partial(webhooks.list_deliveries, services().engine, g.tenant.id))
+        return {"deliveries": rows, "next_cursor": next_cursor}
 
 
 @blp.route("/deliveries/<uuid:delivery_id>")
