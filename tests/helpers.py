@@ -122,3 +122,46 @@ def gunicorn(log_path: Path, env: dict[str, str]):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def stop_fleet(processes: list, app, settings) -> None:
+    """Stop the worker and beat processes a test started (each group-wide, SIGTERM then SIGKILL;
+    a failure to stop one is printed and the others are still stopped), then drop the
+    maintenance messages beat left queued for the next test's workers."""
+    from ffworker.celery_wiring import maintenance_queue
+
+    for proc in processes:
+        try:
+            proc.terminate_group()
+        except Exception as exc:  # keep stopping the others
+            print(f"could not stop pid {proc.proc.pid}: {exc!r}")
+    try:
+        with app.extensions["celery"].connection_for_write() as conn:
+            conn.default_channel.queue_purge(maintenance_queue(settings))
+    except Exception:
+        pass
+
+
+@contextmanager
+def scratch_database(settings, tag: str = "s"):
+    """An empty database of its own beside the run's (url, engine), dropped afterwards: for
+    migrating from an old revision."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    base = make_url(settings.database_url)
+    name = f"{base.database}_{tag}{uuid.uuid4().hex[:6]}"
+    admin = create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = base.set(database=name).render_as_string(hide_password=False)
+    engine = create_engine(url)
+    try:
+        yield url, engine
+    finally:
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

@@ -23,7 +23,7 @@ from ffworker.maintenance import prune
 from ffworker.tenants import set_limits
 from tests.conftest import BeatProcess, WorkerProcess
 from tests.e2e.test_worker import leftovers, submit
-from tests.helpers import ffmpeg_processes_touching, make_celery_current, wait_until
+from tests.helpers import ffmpeg_processes_touching, make_celery_current, stop_fleet, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -77,16 +77,7 @@ def fleet(broker):
     app, settings, _ = broker
     processes: list = []
     yield processes
-    for proc in processes:  # beat first: no new maintenance messages while the workers stop
-        try:
-            proc.terminate_group()
-        except Exception as exc:  # keep stopping the others
-            print(f"could not stop pid {proc.proc.pid}: {exc!r}")
-    try:
-        with app.extensions["celery"].connection_for_write() as conn:
-            conn.default_channel.queue_purge(maintenance_queue(settings))
-    except Exception:
-        pass
+    stop_fleet(processes, app, settings)  # beat first: no new maintenance messages while the workers stop
 
 
 def process_table() -> dict[int, tuple[str, int, int]]:

@@ -7,8 +7,7 @@ import os
 import signal
 import socket
 import threading
-import time
-from collections import Counter, defaultdict
+from collections import Counter
 
 import pytest
 from sqlalchemy import text
@@ -17,7 +16,7 @@ from ffworker.celery_wiring import maintenance_queue
 from ffworker.dispatch import dispatch
 from ffworker.tenants import set_limits
 from tests.conftest import BeatProcess, WorkerProcess
-from tests.helpers import wait_until
+from tests.helpers import stop_fleet, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -35,16 +34,7 @@ def fleet(app, settings, purge_queue):
     """Processes the test starts; each is stopped group-wide at teardown."""
     processes: list = []
     yield processes
-    for proc in processes:
-        try:
-            proc.terminate_group()
-        except Exception as exc:  # keep stopping the others
-            print(f"could not stop pid {proc.proc.pid}: {exc!r}")
-    try:
-        with app.extensions["celery"].connection_for_write() as conn:
-            conn.default_channel.queue_purge(maintenance_queue(settings))
-    except Exception:
-        pass
+    stop_fleet(processes, app, settings)
 
 
 def start(fleet, settings, tmp_path, names, *, env=None, concurrency=2, queues=None):

@@ -4,12 +4,11 @@ fills it in for the rows written before it."""
 from __future__ import annotations
 
 import uuid
-from contextlib import contextmanager
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import text
 
+from tests.helpers import scratch_database
 from tests.integration.test_ledger import backdate, new_job
 
 pytestmark = pytest.mark.integration
@@ -77,24 +76,6 @@ def test_an_event_without_an_actor_is_refused(engine, ledger, tenant, clean_ledg
 
 
 # -- migration 0006 -----------------------------------------------------------------------
-
-
-@contextmanager
-def scratch_database(settings):
-    base = make_url(settings.database_url)
-    name = f"{base.database}_a{uuid.uuid4().hex[:6]}"
-    admin = create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = base.set(database=name).render_as_string(hide_password=False)
-    engine = create_engine(url)
-    try:
-        yield url, engine
-    finally:
-        engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def seed_events(conn, tenant, events) -> None:

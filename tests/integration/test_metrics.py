@@ -11,6 +11,7 @@ from sqlalchemy.engine import make_url
 
 from ffworker.maintenance import prune
 from ffworker.metrics import Metrics
+from tests.helpers import scratch_database
 
 pytestmark = pytest.mark.integration
 
@@ -159,14 +160,7 @@ def test_migration_counts_the_history_already_in_the_ledger(settings):
 
     from ffworker.cli import alembic_config
 
-    base = make_url(settings.database_url)
-    name = f"{base.database}_m{uuid.uuid4().hex[:6]}"
-    admin = create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = base.set(database=name).render_as_string(hide_password=False)
-    engine = create_engine(url)
-    try:
+    with scratch_database(settings, "m") as (url, engine):
         command.upgrade(alembic_config(url), "0001")
         with engine.begin() as conn:
             tenant = conn.execute(text("INSERT INTO tenants (name) VALUES ('old') RETURNING id")).scalar_one()
@@ -205,8 +199,3 @@ def test_migration_counts_the_history_already_in_the_ledger(settings):
             """)).scalar_one()
             functions = conn.execute(text("SELECT count(*) FROM pg_proc WHERE proname LIKE 'ffworker_%'")).scalar_one()
         assert (left, functions) == (0, 0)
-    finally:
-        engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
